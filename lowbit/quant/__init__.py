@@ -1,0 +1,1 @@
+"""Quantization: formats, calibrated algorithms, recipes and checkpoints."""
