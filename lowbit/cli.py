@@ -1,0 +1,113 @@
+"""The `lowbit` command line: generate, chat (and, as they land, quantize, eval, serve, bench)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lowbit.errors import LowbitError
+from lowbit.models.default import DEFAULT_MODEL
+
+EPILOG = f"""examples:
+  lowbit generate --chat "What is the capital of France?"
+  lowbit generate --max-tokens 64 --temperature 0.7 --seed 0 "Once upon a time"
+  lowbit chat --model ./my-hf-model-dir
+
+MODEL is a Hugging Face model directory (config.json + *.safetensors + tokenizer), a .gguf file,
+a lowbit quantized checkpoint, or the built-in {DEFAULT_MODEL} (the default)."""
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="M", help=f"model to load (default: {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens to generate (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (default: off)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lowbit", description="Run and serve low-bit LLMs.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="complete prompts (or answer them as chat messages with --chat)",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(gen)
+    _sampling_args(gen, 128)
+    gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message (chat template)")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
+
+    chat = sub.add_parser("chat", help="talk with the model interactively (empty line or Ctrl-D to quit)")
+    _model_args(chat)
+    _sampling_args(chat, 512)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation")
+    return parser
+
+
+def _params(args):
+    from lowbit.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def cmd_generate(args) -> None:
+    from lowbit.api import LLM
+
+    if any(not p.strip() for p in args.prompts):
+        raise LowbitError("empty prompt")
+    params = _params(args)
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params)
+    else:
+        outs = llm.generate(args.prompts, params)
+    for prompt, out in zip(args.prompts, outs):
+        if len(args.prompts) > 1:
+            print(f"### {prompt}")
+        print(out.outputs[0].text if args.chat else prompt + out.outputs[0].text)
+
+
+def cmd_chat(args) -> None:
+    from lowbit.api import LLM
+
+    params = _params(args)
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+    conv = [{"role": "system", "content": args.system}] if args.system else []
+    print("(empty line or Ctrl-D to quit)", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        conv.append({"role": "user", "content": line})
+        answer = llm.chat(conv, params)[0].outputs[0].text
+        print(answer)
+        conv.append({"role": "assistant", "content": answer})
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The paged engine: sequences, KV blocks, scheduler, model runner."""

@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: linear, attention, norm, rotary embedding, sampler."""

@@ -1,0 +1,41 @@
+"""Attention metadata for one forward pass over a flat batch of tokens (set by the model runner)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionContext:
+    """How the flat token batch splits into sequences, and where their keys/values live.
+
+    cu_seqlens_q: int [B+1], token offsets of each sequence's new tokens in the flat batch.
+    seq_lens: int [B], tokens of each sequence in the cache after this step (context + new).
+    slot_mapping: int [T], cache slot (block * block_size + offset) for each new token.
+    block_tables: int [B, max_blocks], -1 padded. All three cache fields are None for a
+    cache-less pass (perplexity, calibration), where each sequence attends to its own tokens.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    seq_lens: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    # host copies, so the torch reference can loop over sequences without device syncs
+    cu_seqlens_q_list: list[int] | None = None
+    seq_lens_list: list[int] | None = None
+
+    @classmethod
+    def cacheless(cls, seq_lens: list[int], device) -> "AttentionContext":
+        cu = [0]
+        for n in seq_lens:
+            cu.append(cu[-1] + n)
+        return cls(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            cu_seqlens_q_list=cu,
+            seq_lens_list=list(seq_lens),
+        )
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.slot_mapping is not None

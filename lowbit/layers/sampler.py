@@ -1,0 +1,85 @@
+"""Token sampling for a batch of sequences with per-request parameters.
+
+Sampling uses the exponential-race form of a categorical draw (argmax of p / E, E ~ Exp(1)): it
+needs no host sync, and a request with a seed draws its noise from its own generator, so its
+tokens do not depend on what else is in the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.engine.sequence import Sequence
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs, best first
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """HF/vLLM rule: a seen token's positive logit is divided by the penalty, a negative one multiplied."""
+    for i, seq in enumerate(seqs):
+        rp = seq.params.repetition_penalty
+        if rp == 1.0:
+            continue
+        ids = torch.tensor(sorted(set(seq.token_ids)), device=logits.device, dtype=torch.long)
+        seen = logits[i, ids]
+        logits[i, ids] = torch.where(seen > 0, seen / rp, seen * rp)
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p, each with a per-row value; returns probabilities."""
+    dev = logits.device
+    temp = torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=torch.float32)
+    logits = logits / temp[:, None]
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev, dtype=torch.float32)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev, dtype=torch.float32)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=dev)[None, :]
+    drop = rank >= top_k[:, None]
+    probs = sorted_logits.softmax(-1)
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits).softmax(-1)
+
+
+def _noise(shape, seqs: list[Sequence], device) -> torch.Tensor:
+    q = torch.empty(shape, device=device).exponential_()
+    for i, seq in enumerate(seqs):
+        if seq.seed is not None:
+            if seq.generator is None:
+                seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
+            q[i].exponential_(generator=seq.generator)
+    return q
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: fp32 `[B, vocab]`, one row per sequence. Returns tokens and (when asked) logprobs."""
+    logits = logits.float().clone()
+    apply_repetition_penalty(logits, seqs)
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    tokens = logits.argmax(-1)
+    if not bool(greedy.all()):
+        probs = _filter(logits, seqs)
+        drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
+        tokens = torch.where(greedy, tokens, drawn)
+    want = [s.params.logprobs for s in seqs]
+    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+    if any(w is not None for w in want):
+        lp = logits.log_softmax(-1)
+        k = max(w or 0 for w in want)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+        chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+        for i, w in enumerate(want):
+            if w is None:
+                continue
+            top = list(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist())) if w else []
+            logprobs[i] = TokenLogprob(int(tokens[i]), chosen[i], top)
+    return tokens.tolist(), logprobs

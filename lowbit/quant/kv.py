@@ -1,0 +1,41 @@
+"""KV-cache quantization per (token, head): asymmetric int8/int4 (optionally in groups within the
+head, 4-bit packed along head_dim) or fp8 e4m3, one scale (and zero) per row of `head_dim`."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quant.formats import QTensor, QuantSpec, dequantize, quantize
+
+
+def kv_spec(bits: int, group_size: int | None = None, fp8: bool = False) -> QuantSpec:
+    granularity = "channel" if group_size is None else "group"
+    if fp8:
+        return QuantSpec(bits=bits, dtype="fp8", granularity=granularity, group_size=group_size or 128)
+    return QuantSpec(bits=bits, symmetric=False, granularity=granularity, group_size=group_size or 128)
+
+
+def quantize_kv(
+    x: torch.Tensor, bits: int, group_size: int | None = None, fp8: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`x [..., head_dim]` -> codes `[..., head_dim]` (`[..., head_dim / 2]` packed for 4-bit),
+    fp32 scale and uint8 zero (None for fp8) of shape `[...]`, or `[..., head_dim / G]` with groups."""
+    spec = kv_spec(bits, group_size, fp8)
+    if spec.bits == 4 and x.shape[-1] % 2:
+        raise LowbitError(f"4-bit KV cache needs an even head_dim, got {x.shape[-1]}")
+    qt = quantize(x, spec)
+    return qt.codes, qt.scale, qt.zero
+
+
+def dequantize_kv(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int | None = None,
+    fp8: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    spec = kv_spec(bits, group_size, fp8)
+    head_dim = codes.shape[-1] * (2 if spec.bits == 4 else 1)
+    return dequantize(QTensor(codes, scale, zero, spec, (*codes.shape[:-1], head_dim)), dtype)

@@ -1,0 +1,66 @@
+"""Round-to-nearest weight quantization with a per-block clipping-ratio search."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quant.formats import (
+    QTensor,
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    group_view,
+    quantize,
+    reduce_blocks,
+)
+
+CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
+
+
+def rtn_quantize(
+    w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID
+) -> tuple[torch.Tensor, QTensor]:
+    """Quantize a weight `[N, K]`, choosing for each block of `spec` (group, row or tensor) the clip
+    ratio in `grid` that minimizes the weight's squared error, or, given calibration inputs
+    `x [..., K]`, the output's `||x (w - wq)^T||^2`. With groups the output error of a group counts
+    its own columns only (cross-group terms dropped, as in AWQ's clip search); per channel and per
+    tensor it is exact. Ties keep the earlier ratio, so with 1.0 first the search never does worse
+    than no clipping. Returns the chosen ratios (shaped like the scales) and the QTensor.
+    """
+    if not grid:
+        raise LowbitError("clip search needs at least one ratio")
+    w = w.detach().float()
+    gram = None
+    if x is not None:
+        x = x.detach().reshape(-1, w.shape[-1]).float()
+        gram = x.T @ x
+    candidates = [compute_qparams(w, dataclasses.replace(spec, clip=r)) for r in grid]
+    errors = torch.stack([_error(w - fake_quantize(w, spec, s, z), spec, gram) for s, z in candidates])
+    best = errors.argmin(0)
+
+    def pick(params):
+        return torch.stack(params).gather(0, best.unsqueeze(0)).squeeze(0)
+
+    scale = pick([s for s, _ in candidates])
+    zero = None if spec.symmetric else pick([z for _, z in candidates])
+    return torch.tensor(grid)[best], quantize(w, spec, scale, zero)
+
+
+def _error(d: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None) -> torch.Tensor:
+    """Per-block squared error of a weight error `d [N, K]`, plain or weighted by `gram = x^T x`."""
+    if gram is None:
+        return reduce_blocks(d * d, spec, torch.sum)
+    if spec.granularity != "group":
+        return reduce_blocks((d @ gram) * d, spec, torch.sum)
+    dg = group_view(d, spec.group_size)
+    return torch.einsum("ngi,gij,ngj->ng", dg, _diagonal_blocks(gram, spec.group_size), dg)
+
+
+def _diagonal_blocks(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The `[G, G]` blocks on the diagonal of a `[K, K]` matrix, `[ceil(K/G), G, G]`, zero-padded."""
+    pad = -h.shape[0] % g
+    h = torch.nn.functional.pad(h, (0, pad, 0, pad))
+    n = h.shape[0] // g
+    return h.view(n, g, n, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
