@@ -1,0 +1,103 @@
+"""Sampler rules on hand-made distributions, and the engine's stop conditions."""
+import math
+
+import pytest
+import torch
+
+from lowbit import LLM, SamplingParams
+from lowbit.engine.sequence import Sequence
+from lowbit.errors import LowbitError
+from lowbit.layers.sampler import sample
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def seqs_for(params, n=1, history=(0,)):
+    return [Sequence(str(i), 0, list(history), params, seed=params.seed) for i in range(n)]
+
+
+def frequencies(params, draws=4000, history=(0,)):
+    logits = PROBS.log().repeat(draws, 1)
+    seqs = [Sequence(str(i), 0, list(history), params, seed=i) for i in range(draws)]
+    tokens, _ = sample(logits, seqs)
+    return torch.bincount(torch.tensor(tokens), minlength=4).double() / draws
+
+
+def close(freq, want, tol=0.03):
+    return torch.allclose(freq, torch.tensor(want, dtype=torch.float64), atol=tol)
+
+
+def test_plain_sampling_follows_the_distribution():
+    assert close(frequencies(SamplingParams(temperature=1.0)), PROBS.tolist())
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    assert close(frequencies(SamplingParams(temperature=1.0, top_p=0.7)), [0.625, 0.375, 0, 0])
+
+
+def test_top_k():
+    assert close(frequencies(SamplingParams(temperature=1.0, top_k=3)), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+
+
+def test_min_p():
+    # min_p 0.4 keeps tokens with p >= 0.2: only the first two
+    assert close(frequencies(SamplingParams(temperature=1.0, min_p=0.4)), [0.625, 0.375, 0, 0])
+
+
+def test_temperature_sharpens():
+    p = PROBS.pow(2)
+    assert close(frequencies(SamplingParams(temperature=0.5)), (p / p.sum()).tolist())
+
+
+def test_repetition_penalty_matches_the_hf_rule():
+    logits = torch.tensor([[2.0, 1.9, -1.0, -1.5]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=4)
+    tokens, lps = sample(logits, seqs_for(params, history=[0, 3]))
+    assert tokens == [1]  # token 0's 2.0 became 1.0
+    want = torch.tensor([1.0, 1.9, -1.0, -3.0]).log_softmax(-1)
+    assert lps[0].top[0][0] == 1 and math.isclose(lps[0].logprob, want[1].item(), rel_tol=1e-6)
+
+
+def test_logprobs_are_log_softmax():
+    logits = torch.randn(3, 50)
+    params = SamplingParams(temperature=0, logprobs=5)
+    tokens, lps = sample(logits, seqs_for(params, 3))
+    ref = logits.double().log_softmax(-1)
+    for i in range(3):
+        assert tokens[i] == int(logits[i].argmax())
+        top_v, top_i = ref[i].topk(5)
+        assert [t for t, _ in lps[i].top] == top_i.tolist()
+        assert all(math.isclose(v, r, abs_tol=1e-5) for (_, v), r in zip(lps[i].top, top_v.tolist()))
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(max_tokens=0), dict(max_tokens=-3), dict(top_p=0), dict(top_p=1.5),
+    dict(n=0), dict(top_k=-2), dict(min_p=2), dict(repetition_penalty=0), dict(stop=[""]),
+])
+def test_bad_params_are_refused(bad):
+    with pytest.raises(LowbitError):
+        SamplingParams(**bad)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dir):
+    return LLM(model=str(tiny_dir("smollm2")), device="cpu")
+
+
+def test_max_tokens_and_stop_token_ids(llm):
+    free = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    assert len(free.token_ids) == 10 and free.finish_reason == "length"
+    stop_at = free.token_ids[4]
+    first = free.token_ids.index(stop_at)
+    out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                      stop_token_ids=[stop_at]))[0].outputs[0]
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+
+
+def test_stop_strings_cut_the_text(llm):
+    free = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0].outputs[0]
+    stop = free.text[len(free.text) // 2: len(free.text) // 2 + 3]
+    assert stop.strip(), free.text
+    out = llm.generate(["Hello there"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                      stop=[stop]))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.text == free.text[: free.text.find(stop)]
