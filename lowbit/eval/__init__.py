@@ -1,0 +1,1 @@
+"""Accuracy: perplexity, zero-shot tasks, agreement with the unquantized model."""
