@@ -1,7 +1,9 @@
-"""The `lowbit` command line: generate, chat (and, as they land, quantize, eval, serve, bench)."""
+"""The `lowbit` command line. `generate` and `chat` live here; other commands live beside what they
+drive, each module exposing `register(subparsers) -> {name: handler}`."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from lowbit.errors import LowbitError
@@ -16,14 +18,18 @@ MODEL is a Hugging Face model directory (config.json + *.safetensors + tokenizer
 a lowbit quantized checkpoint, or the built-in {DEFAULT_MODEL} (the default)."""
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+# modules that add commands (quantize, eval, serve, bench); a missing one is simply not offered
+COMMAND_MODULES = ["lowbit.quant.cli", "lowbit.eval.cli", "lowbit.server.cli", "lowbit.bench.cli"]
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="M", help=f"model to load (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
 
 
-def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N", help=f"tokens to generate (default: {max_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -31,23 +37,32 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="lowbit", description="Run and serve low-bit LLMs.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="complete prompts (or answer them as chat messages with --chat)",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(gen)
-    _sampling_args(gen, 128)
+    model_args(gen)
+    sampling_args(gen, 128)
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message (chat template)")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
 
     chat = sub.add_parser("chat", help="talk with the model interactively (empty line or Ctrl-D to quit)")
-    _model_args(chat)
-    _sampling_args(chat, 512)
+    model_args(chat)
+    sampling_args(chat, 512)
     chat.add_argument("--system", default=None, help="a system message to start the conversation")
-    return parser
+    commands = {"generate": cmd_generate, "chat": cmd_chat}
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        commands.update(module.register(sub))
+    return parser, commands
 
 
 def _params(args):
@@ -94,13 +109,11 @@ def cmd_chat(args) -> None:
         conv.append({"role": "assistant", "content": answer})
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        commands[args.command](args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
