@@ -32,12 +32,22 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
-                 max_model_len: int | None = None, **engine_kwargs):
+                 max_model_len: int | None = None, recipe: str | None = None, calib: str | None = None,
+                 calib_samples: int = 128, calib_len: int = 2048, **engine_kwargs):
+        """`recipe` quantizes an unquantized model in memory first (calibrating on `calib` text)."""
         device = resolve_device(device)
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype not in DTYPES:
             raise LowbitError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
         module, self.tokenizer, self.model_config = load_model(model, DTYPES[dtype], device)
+        if recipe is not None:
+            from lowbit.quant.quantize import quantize_loaded
+            from lowbit.quant.recipes import get_recipe
+
+            if any(m.quant_method is not None for m in module.modules() if hasattr(m, "quant_method")):
+                raise LowbitError(f"{model} is already quantized; --recipe applies to unquantized models")
+            quantize_loaded(module, self.tokenizer, get_recipe(recipe), calib, calib_samples, calib_len)
+            self.model_config = module.config
         max_len = min(max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings)
         cfg = EngineConfig(device=device, dtype=dtype, max_model_len=max_len, **engine_kwargs)
         self.model = module

@@ -48,6 +48,18 @@ class ModelConfig:
         if rope_type not in SUPPORTED_ROPE:
             raise LowbitError(f"unsupported rope_scaling type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE)})")
 
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json a checkpoint carries (parsed back by `from_hf_dict`)."""
+        return {
+            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "bos_token_id": self.bos_token_id, "eos_token_id": list(self.eos_token_ids), "torch_dtype": self.dtype,
+        }
+
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """Parse a Hugging Face config.json dict (transformers 4.x or 5.x spelling)."""

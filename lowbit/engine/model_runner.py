@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.config import EngineConfig, ModelConfig
-from lowbit.engine.kv_cache import PagedKVCache
+from lowbit.engine.kv_cache import PagedKVCache, QuantizedPagedKVCache
 from lowbit.engine.scheduler import ScheduledSeq
 from lowbit.errors import LowbitError
 from lowbit.layers.context import AttentionContext
@@ -17,8 +17,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
     """Blocks that fit: the configured number, or (CUDA) what `gpu_memory_utilization` leaves free."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
-    per_block = cfg.block_size * model_cfg.num_layers * PagedKVCache.bytes_per_token(
-        model_cfg.num_kv_heads, model_cfg.head_dim, getattr(torch, cfg.dtype)
+    per_block = cfg.block_size * sum(
+        PagedKVCache.bytes_per_token(model_cfg.num_kv_heads, model_cfg.head_dim, getattr(torch, cfg.dtype), a.kv_spec)
+        for a in model.attention_layers()
     )
     if cfg.device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info()
@@ -37,13 +38,13 @@ class ModelRunner:
                 f"the KV cache holds {self.num_blocks * cfg.block_size} tokens, less than max_model_len "
                 f"{cfg.max_model_len}: lower --max-model-len or raise --gpu-memory-utilization"
             )
-        self.caches = [
-            PagedKVCache(self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim,
-                         getattr(torch, cfg.dtype), self.device)
-            for _ in range(model_cfg.num_layers)
-        ]
-        for attn, cache in zip(model.attention_layers(), self.caches):
+        shape = (self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim,
+                 getattr(torch, cfg.dtype), self.device)
+        self.caches = []
+        for attn in model.attention_layers():
+            cache = PagedKVCache(*shape) if attn.kv_spec is None else QuantizedPagedKVCache(*shape, attn.kv_spec)
             attn.kv_cache = cache
+            self.caches.append(cache)
 
     def _prepare(self, batch: list[ScheduledSeq]):
         ids, pos, slots, cu, lens, tables = [], [], [], [0], [], []

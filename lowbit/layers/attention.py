@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.layers.context import AttentionContext
+from lowbit.quant.kv import kv_roundtrip
+from lowbit.quant.rotate import apply_hadamard
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -35,11 +37,17 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.kv_cache = None  # set by the model runner
+        self.kv_spec = None  # a quantized KV format (quant.recipes.KVSpec), set by a recipe
+        self.rotate_kv = False  # Hadamard over head_dim on q and k (QuaRot): q.k unchanged, keys flatter
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         cu = ctx.cu_seqlens_q_list
+        if self.rotate_kv:
+            q, k = apply_hadamard(q), apply_hadamard(k)
         if ctx.uses_cache:
             self.kv_cache.store(k, v, ctx.slot_mapping)
+        elif self.kv_spec is not None:  # what a quantized cache would hand back
+            k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
         out = torch.empty_like(q)
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.quant.rotate import apply_hadamard
+
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -17,8 +19,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.quant_method = None
+        self.online_hadamard = False  # QuaRot: x @ H before this layer (its weight holds W @ H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online_hadamard:
+            x = apply_hadamard(x)
         if self.quant_method is not None:
             return self.quant_method.apply(self, x)
         return F.linear(x, self.weight, self.bias)

@@ -40,6 +40,7 @@ class ModelFiles:
     state_dict: dict[str, torch.Tensor]
     tokenizer: object
     source: Path
+    quant_config: dict | None = None  # set for a lowbit quantized checkpoint
 
 
 def resolve_source(model: str | os.PathLike | None) -> Path:
@@ -68,9 +69,12 @@ def _load_hf_dir(path: Path) -> ModelFiles:
         raw = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LowbitError(f"{cfg_path}: cannot read: {e}") from None
+    from lowbit.quant.checkpoint import is_quantized_checkpoint, load_quant_config
+
     config = ModelConfig.from_hf_dict(raw)
+    qcfg = load_quant_config(path) if is_quantized_checkpoint(path) else None
     state = read_safetensors_dir(path)
-    return ModelFiles(config, state, load_hf_tokenizer(path), path)
+    return ModelFiles(config, state, load_hf_tokenizer(path), path, qcfg)
 
 
 def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -227,6 +231,13 @@ def build_model(files: ModelFiles, dtype: torch.dtype = torch.float32, device: s
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     state = {k: v for k, v in files.state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    quantized = {}
+    if files.quant_config is not None:
+        from lowbit.quant.checkpoint import split_quantized_state
+
+        quantized = split_quantized_state(files.quant_config, state)
+        for name in files.quant_config["layers"]:
+            expected.pop(f"{name}.weight", None)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))
@@ -247,6 +258,10 @@ def build_model(files: ModelFiles, dtype: torch.dtype = torch.float32, device: s
         layer.self_attn.rotary.inv_freq = inv_freq
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if files.quant_config is not None:
+        from lowbit.quant.checkpoint import install_quantized
+
+        install_quantized(model, files.quant_config, {k: v.to(device) for k, v in quantized.items()}, files.source)
     return model.eval()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -88,7 +89,7 @@ class QuantSpec:
         return cls(**d)
 
 
-def _bad(msg: str) -> None:
+def _bad(msg: str) -> NoReturn:
     raise LowbitError(f"invalid quantization spec: {msg}")
 
 

@@ -55,6 +55,14 @@ class _Segment:
         g = (col - self.start) // self.spec.group_size
         return self.scale[:, g], None if self.zero is None else self.zero[:, g]
 
+    def refit(self, col: int, cols: torch.Tensor) -> None:
+        """Recompute the params of the group starting at `col` from its columns `cols` as they are now."""
+        g = (col - self.start) // self.spec.group_size
+        scale, zero = compute_qparams(cols, dataclasses.replace(self.spec, granularity="channel"))
+        self.scale[:, g] = scale
+        if zero is not None:
+            self.zero[:, g] = zero
+
     def group_at(self, col: int) -> int:
         """Width of the group starting at `col`, 0 when no group starts there."""
         if self.spec.granularity != "group" or (col - self.start) % self.spec.group_size:
@@ -85,18 +93,18 @@ def gptq_quantize(
     if percdamp < 0:
         raise LowbitError(f"GPTQ: percdamp must be >= 0, got {percdamp}")
     w32 = w.detach().float().clone()
-    n, k = w32.shape
+    k = w32.shape[1]
     h = hessian.detach().float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     w32[:, dead] = 0
     # static params from the original weight; without act_order, groups are redone as GPTQ reaches them
     segments = [
-        _Segment(start, stop, s, *compute_qparams(w32[:, start:stop], s))
-        for start, stop, s in _segment_bounds(spec, k)
+        _Segment(start, stop, fmt, *compute_qparams(w32[:, start:stop], fmt))
+        for start, stop, fmt in _segment_bounds(spec, k)
     ]
     owner = [seg for seg in segments for _ in range(seg.start, seg.stop)]
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=h.device)
     order = perm.tolist()
     w32, h = w32[:, perm], h[perm][:, perm]
     hinv = _inverse_cholesky(h, percdamp)
@@ -112,13 +120,8 @@ def gptq_quantize(
             j, col = i1 + i, order[i1 + i]
             seg = owner[col]
             width = 0 if act_order else seg.group_at(col)
-            if width:
-                src = w1[:, i : i + width] if i + width <= i2 - i1 else w32[:, j : j + width]
-                g = (col - seg.start) // seg.spec.group_size
-                s, z = compute_qparams(src, dataclasses.replace(seg.spec, granularity="channel"))
-                seg.scale[:, g] = s
-                if z is not None:
-                    seg.zero[:, g] = z
+            if width:  # `_blocks` makes sure the group's columns are all updated by now
+                seg.refit(col, w1[:, i : i + width] if i + width <= i2 - i1 else w32[:, j : j + width])
             s, z = seg.params(col)
             x = w1[:, i]
             q[:, j] = dequantize_values(quantize_values(x, s, z, seg.spec), s, z)

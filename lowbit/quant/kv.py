@@ -9,10 +9,8 @@ from lowbit.quant.formats import QTensor, QuantSpec, dequantize, quantize
 
 
 def kv_spec(bits: int, group_size: int | None = None, fp8: bool = False) -> QuantSpec:
-    granularity = "channel" if group_size is None else "group"
-    if fp8:
-        return QuantSpec(bits=bits, dtype="fp8", granularity=granularity, group_size=group_size or 128)
-    return QuantSpec(bits=bits, symmetric=False, granularity=granularity, group_size=group_size or 128)
+    groups = {} if group_size is None else {"granularity": "group", "group_size": group_size}
+    return QuantSpec(bits=bits, dtype="fp8" if fp8 else "int", symmetric=fp8, **groups)
 
 
 def quantize_kv(
@@ -39,3 +37,9 @@ def dequantize_kv(
     spec = kv_spec(bits, group_size, fp8)
     head_dim = codes.shape[-1] * (2 if spec.bits == 4 else 1)
     return dequantize(QTensor(codes, scale, zero, spec, (*codes.shape[:-1], head_dim)), dtype)
+
+
+def kv_roundtrip(x: torch.Tensor, spec) -> torch.Tensor:
+    """What a cache of format `spec` (a `recipes.KVSpec`) returns for `x`: quantize, then dequantize."""
+    codes, scale, zero = quantize_kv(x, spec.bits, spec.group_size, spec.fp8)
+    return dequantize_kv(codes, scale, zero, spec.bits, spec.group_size, spec.fp8, x.dtype)

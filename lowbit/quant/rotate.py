@@ -42,6 +42,7 @@ def _paley_field(m: int) -> tuple[int, int] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _factor(n: int) -> tuple[int, int]:
     """`(2^a, m)` with `n == 2^a * m` and m = 1 or the smallest Paley order that fits."""
     if n >= 1:

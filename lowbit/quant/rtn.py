@@ -45,7 +45,7 @@ def rtn_quantize(
 
     scale = pick([s for s, _ in candidates])
     zero = None if spec.symmetric else pick([z for _, z in candidates])
-    return torch.tensor(grid)[best], quantize(w, spec, scale, zero)
+    return torch.tensor(grid, device=w.device)[best], quantize(w, spec, scale, zero)
 
 
 def _error(d: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None) -> torch.Tensor:
