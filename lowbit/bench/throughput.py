@@ -1,0 +1,51 @@
+"""Offline throughput (vLLM's `benchmark_throughput`): N requests of random token ids through the
+engine at once; reports requests/s, output tokens/s and total tokens/s."""
+from __future__ import annotations
+
+import random
+import time
+
+from lowbit.errors import LowbitError
+
+
+def random_requests(num: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
+                    seed: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) pairs; lengths are fixed, or uniform in
+    [len * (1 - range_ratio), len * (1 + range_ratio)] (vLLM's random dataset)."""
+    if num < 1 or input_len < 1 or output_len < 1:
+        raise LowbitError("--num-prompts, --input-len and --output-len must be >= 1")
+    if not 0 <= range_ratio < 1:
+        raise LowbitError(f"--range-ratio must be in [0, 1), got {range_ratio}")
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        return rng.randint(max(1, round(mean * (1 - range_ratio))), round(mean * (1 + range_ratio)))
+
+    return [([rng.randrange(vocab_size) for _ in range(length(input_len))], length(output_len)) for _ in range(num)]
+
+
+def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True) -> dict:
+    """Generate every request (sampling at temperature 1, as vLLM does) and time the whole batch."""
+    from lowbit.sampling_params import SamplingParams
+
+    longest = max(len(p) + n for p, n in requests)
+    if longest > llm.engine.cfg.max_model_len:
+        raise LowbitError(f"a request needs {longest} tokens, more than max_model_len "
+                          f"{llm.engine.cfg.max_model_len}: lower --input-len/--output-len or raise --max-model-len")
+    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=ignore_eos) for _, n in requests]
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    prompt_tokens = sum(len(p) for p, _ in requests)
+    output_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    total = prompt_tokens + output_tokens
+    return {"elapsed_time": elapsed, "num_requests": len(requests), "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens, "total_num_tokens": total,
+            "requests_per_second": len(requests) / elapsed, "output_tokens_per_second": output_tokens / elapsed,
+            "tokens_per_second": total / elapsed}
+
+
+def report(result: dict) -> str:
+    return (f"Throughput: {result['requests_per_second']:.2f} requests/s, "
+            f"{result['tokens_per_second']:.2f} total tokens/s, "
+            f"{result['output_tokens_per_second']:.2f} output tokens/s")
