@@ -80,9 +80,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation: list[dict]) -> list[int]:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise LowbitError("this model's tokenizer has no chat template")
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
+        return apply_chat_template(self.tokenizer, conversation)
+
+
+def apply_chat_template(tokenizer, conversation: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise LowbitError("this model's tokenizer has no chat template")
+    ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

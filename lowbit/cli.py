@@ -37,6 +37,31 @@ def sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for sampling")
 
 
+def engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
+                   help="most sequences decoded together in one step (default: 64)")
+    g.add_argument("--block-size", type=int, default=None, metavar="N", help="tokens per KV-cache block (default: 16)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                   help="fraction of GPU memory the model and KV cache may use (default: 0.9)")
+    from lowbit.quant.cli import add_recipe_args
+
+    add_recipe_args(p, required=False)
+
+
+def load_llm(args):
+    """The `LLM` that the model and engine options describe."""
+    from lowbit.api import LLM
+
+    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization")
+              if getattr(args, k) is not None}
+    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+               **engine)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="lowbit", description="Run and serve low-bit LLMs.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

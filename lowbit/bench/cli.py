@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from lowbit.cli import model_args
-from lowbit.server.cli import engine_args, load_llm
+from lowbit.cli import engine_args, load_llm
 
 EPILOG = """examples:
   lowbit bench throughput --num-prompts 200 --input-len 128 --output-len 128

@@ -1,12 +1,11 @@
-"""`lowbit serve`: an OpenAI-compatible HTTP server for one model. Also the engine options that
-`lowbit bench throughput` shares."""
+"""`lowbit serve`: an OpenAI-compatible HTTP server for one model."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from lowbit.cli import model_args
+from lowbit.cli import engine_args, load_llm, model_args
 from lowbit.errors import LowbitError
 
 EPILOG = """examples:
@@ -20,26 +19,6 @@ then, from any OpenAI client (base URL http://127.0.0.1:8000/v1) or the shell:
 endpoints: /v1/completions, /v1/chat/completions (both stream with "stream": true), /v1/models,
 /health, /metrics (Prometheus). Sampling extras beyond OpenAI's (top_k, min_p, repetition_penalty,
 ignore_eos, stop_token_ids) go in the request body, as with vLLM."""
-
-
-def engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                   help="longest prompt + output in tokens (default: the model's context length)")
-    g.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                   help="most sequences decoded together in one step (default: 64)")
-    g.add_argument("--block-size", type=int, default=None, metavar="N", help="tokens per KV-cache block (default: 16)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
-                   help="fraction of GPU memory the model and KV cache may use (default: 0.9)")
-
-
-def load_llm(args):
-    """The `LLM` that the model and engine options describe."""
-    from lowbit.api import LLM
-
-    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization")
-              if getattr(args, k) is not None}
-    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, **engine)
 
 
 def register(sub) -> dict:

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Literal
 
 import jinja2
@@ -25,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException
 
-from lowbit.api import LLM
+from lowbit.api import apply_chat_template
 from lowbit.engine.async_engine import AsyncLLMEngine, StepStats
 from lowbit.engine.outputs import CompletionOutput, RequestOutput
 from lowbit.errors import LowbitError
@@ -370,8 +369,8 @@ def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
     conversation = [m.as_dict() for m in messages]
-    try:  # LLM.apply_chat_template needs only a `.tokenizer`
-        return LLM.apply_chat_template(SimpleNamespace(tokenizer=tokenizer), conversation)
+    try:
+        return apply_chat_template(tokenizer, conversation)
     except jinja2.TemplateError as e:
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
 
