@@ -1,8 +1,14 @@
 """Shared fixtures: tiny random models of each family (saved as HF directories) and the default model."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # kernels run in Triton's interpreter; set before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # model_type -> config overrides; every family the decoder claims to cover, with its distinctive flags
 FAMILIES = {

@@ -101,7 +101,7 @@ def test_cli_refuses_an_existing_output_unless_forced(setup, tmp_path, capsys):
     assert code == 0 and (out / "quant_config.json").is_file() and not (out / "keep.txt").exists()
     code, io = run_cli(capsys, "eval", "--model", str(out), "--device", "cpu", "--ctx", "64", "--max-windows", "2",
                        "--json")
-    assert code == 0 and json.loads(io.out)["windows"] == 2
+    assert code == 0 and json.loads(io.out)["perplexity"]["windows"] == 2
 
 
 def test_cli_bad_inputs(setup, tmp_path, capsys):

@@ -17,6 +17,7 @@ from lowbit.quant.formats import (
     quantize,
     quantize_values,
 )
+from lowbit.quant.rtn import rtn_quantize
 
 
 class HessianAccumulator:
@@ -47,6 +48,7 @@ class _Segment:
     spec: QuantSpec
     scale: torch.Tensor
     zero: torch.Tensor | None
+    clip_search: bool = False
 
     def params(self, col: int):
         """Scale and zero of column `col` (an index of the whole weight), broadcastable over rows."""
@@ -58,7 +60,7 @@ class _Segment:
     def refit(self, col: int, cols: torch.Tensor) -> None:
         """Recompute the params of the group starting at `col` from its columns `cols` as they are now."""
         g = (col - self.start) // self.spec.group_size
-        scale, zero = compute_qparams(cols, dataclasses.replace(self.spec, granularity="channel"))
+        scale, zero = fit_params(cols, dataclasses.replace(self.spec, granularity="channel"), self.clip_search)
         self.scale[:, g] = scale
         if zero is not None:
             self.zero[:, g] = zero
@@ -78,6 +80,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, list[QTensor]]:
     """GPTQ-quantize a weight `[N, K]` given the Hessian `[K, K]` of its inputs.
 
@@ -88,7 +91,8 @@ def gptq_quantize(
     they are taken from the original weight in the original column order beforehand ("static
     groups"), so the stored format is the plain one either way. Returns the fake-quantized weight (in
     `w`'s dtype; `dequantize` of the QTensors, concatenated along K, gives it exactly in fp32) and one
-    QTensor per segment.
+    QTensor per segment. `clip_search` picks each group's (row's) clipping ratio by the weight MSE
+    of its columns when its params are fitted (RTN's grid), instead of the plain min/max.
     """
     if percdamp < 0:
         raise LowbitError(f"GPTQ: percdamp must be >= 0, got {percdamp}")
@@ -100,7 +104,7 @@ def gptq_quantize(
     w32[:, dead] = 0
     # static params from the original weight; without act_order, groups are redone as GPTQ reaches them
     segments = [
-        _Segment(start, stop, fmt, *compute_qparams(w32[:, start:stop], fmt))
+        _Segment(start, stop, fmt, *fit_params(w32[:, start:stop], fmt, clip_search), clip_search)
         for start, stop, fmt in _segment_bounds(spec, k)
     ]
     owner = [seg for seg in segments for _ in range(seg.start, seg.stop)]
@@ -132,6 +136,14 @@ def gptq_quantize(
     q = q[:, torch.argsort(perm)]
     qts = [quantize(q[:, seg.start : seg.stop], seg.spec, seg.scale, seg.zero) for seg in segments]
     return q.to(w.dtype), qts
+
+
+def fit_params(x: torch.Tensor, spec: QuantSpec, clip_search: bool):
+    """Scale and zero for `x` under `spec`: min/max, or the weight-MSE-best clipping ratio."""
+    if not clip_search:
+        return compute_qparams(x, spec)
+    _, qt = rtn_quantize(x, spec)
+    return qt.scale, qt.zero
 
 
 def _segment_bounds(spec, k: int) -> list[tuple[int, int, QuantSpec]]:

@@ -112,8 +112,9 @@ def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: in
             rec = record(layer, x, batch_size)
         perms = reorder_layer(layer, rec, recipe)
     if recipe.method == "gptq" or recipe.clip_search or recipe.smoothing or recipe.smooth_attention:
-        rec = record(layer, x, batch_size, perms=perms, hessian=recipe.method == "gptq",
-                     keep_tokens=KEEP_TOKENS if recipe.clip_search else 0)
+        gptq = recipe.method == "gptq"
+        rec = record(layer, x, batch_size, perms=perms, hessian=gptq,
+                     keep_tokens=KEEP_TOKENS if recipe.clip_search and not gptq else 0)
     for name, lin in lins.items():
         k_out = outlier_count(recipe, lin.in_features) if recipe.outliers else 0
         perm = perms.get(name)
@@ -121,7 +122,7 @@ def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: in
             lin.weight.data = permute_input(lin.weight, perm)
         st = rec.stats[name]
         hessian = st.hessian.hessian if st.hessian is not None else None
-        weight = quantize_weight(lin.weight, recipe, k_out, hessian, st.samples if recipe.clip_search else None)
+        weight = quantize_weight(lin.weight, recipe, k_out, hessian, st.samples if st.kept else None)
         install(lin, QuantLinearMethod(weight, recipe.activation, k_out,
                                        perm if name not in GROUPS["down"] else None))
 
@@ -183,7 +184,7 @@ def quantize_weight(w: torch.Tensor, recipe: Recipe, k_out: int, hessian=None, s
         return quantize_progressive(w, recipe.weight.group_size)
     specs = segment_specs(recipe, w.shape[1], k_out)
     if recipe.method == "gptq" and hessian is not None:
-        _, qts = gptq_quantize(w, hessian, specs, act_order=recipe.act_order)
+        _, qts = gptq_quantize(w, hessian, specs, act_order=recipe.act_order, clip_search=recipe.clip_search)
     elif samples is not None:
         qts = [rtn_quantize(w[:, sl], spec, samples[:, sl].to(w.device))[1] for sl, spec in specs]
     else:

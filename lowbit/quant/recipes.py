@@ -38,8 +38,8 @@ class Recipe:
     activation: QuantSpec | None = None  # dynamic, per token / per group of a token
     kv: KVSpec | None = None
     method: str = "rtn"  # how weights are rounded: "rtn" (with clip search) or "gptq"
-    clip_search: bool = False  # RTN: search the clipping ratio per group (output MSE on calibration data)
-    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
+    clip_search: bool = False  # search each group's clipping ratio (RTN: output MSE; GPTQ: weight MSE at fit)
+    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
     smoothing: str | None = None  # "smoothquant" (alpha) or "awq" (searched scales)
     alpha: float = 0.5
     progressive: bool = False  # QServe: int8 per channel, then uint4 groups with integer scales
@@ -109,8 +109,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5),
     Recipe("fp8", "fp8 e4m3 per-channel weights and per-token activations",
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
-    Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, act-order, 16-bit activations",
-           weight=_w(4, symmetric=False), method="gptq"),
+    Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, clip search at each group's fit, 16-bit activations",
+           weight=_w(4, symmetric=False), method="gptq", clip_search=True),
     Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales, clip search), int8 per-token "
            "activations, SmoothAttention, 4-bit KV cache",
            weight=_w(4, symmetric=False), activation=_w(8, "channel"), kv=KVSpec(4), progressive=True,

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m lowbit.bench <name> [options]` (see `lowbit/bench/__main__.py`)."""

@@ -1,0 +1,475 @@
+"""Kernel benchmark: our Triton kernels beside cuBLAS / SDPA peers from the same run, on CUDA.
+
+Linear: one Llama-3 layer's four GEMMs (qkv, o, gate_up, down) at M tokens, summed; decode
+attention over a paged cache. GPU time under CUDA graphs (`do_bench_cudagraph`, median) on random
+data, with enough weight / cache copies in rotation that L2 (50-60 MB) cannot hold them. Each row
+gives the achieved TFLOP/s and GB/s and the share of the roof measured in the same run: the
+larger of bytes / copy bandwidth and FLOPs / matmul rate (bf16 for bf16 operands, fp8 for 8-bit
+MMAs: int8 and fp8 tensor cores have one rate on Hopper).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+
+import torch
+
+MODELS = {"llama3-8b": dict(hidden=4096, q=4096, kv=1024, mlp=14336, heads=32, kv_heads=8, head_dim=128),
+          "llama3-70b": dict(hidden=8192, q=8192, kv=1024, mlp=28672, heads=64, kv_heads=8, head_dim=128)}
+MS = [1, 16, 64, 256, 1024, 4096]
+BATCHES, CONTEXTS = [1, 32, 64, 128], [1024, 4096, 16384]
+QUICK = dict(models=["llama3-8b"], ms=[1, 16, 64, 4096], batches=[1, 64], contexts=[1024, 4096])
+ROTATE_BYTES = 256 << 20  # weights / caches in rotation per timed call, a few times L2
+PAGE = 16
+
+
+def layer_gemms(cfg: dict) -> list[tuple[str, int, int]]:
+    h = cfg["hidden"]
+    return [("qkv", cfg["q"] + 2 * cfg["kv"], h), ("o", h, cfg["q"]), ("gate_up", 2 * cfg["mlp"], h),
+            ("down", h, cfg["mlp"])]
+
+
+def bench_ms(fn) -> float:
+    import triton.testing
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+
+
+# --- roofs --------------------------------------------------------------------------------------
+
+def measure_roofs() -> dict:
+    dev = torch.device("cuda")
+    src = torch.randn(1 << 28, device=dev)  # 1 GiB
+    dst = torch.empty_like(src)
+    # a copy_ is a memcpy node in a CUDA graph (copy engine); an elementwise kernel reads and
+    # writes as fast as an SM kernel can: the roof is the faster of the two
+    copy_ms = min(bench_ms(lambda: dst.copy_(src)), bench_ms(lambda: torch.neg(src, out=dst)))
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    bf16_ms = bench_ms(lambda: a @ b)
+    a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+    one = torch.ones(n, 1, device=dev)
+    fp8_ms = bench_ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one.t(), out_dtype=torch.bfloat16))
+    i8 = torch.randint(-127, 127, (n, n), device=dev, dtype=torch.int8)
+    int8_ms = bench_ms(lambda: torch._int_mm(i8, i8.t()))
+    flop = 2 * n ** 3
+    return dict(copy_GBps=2 * src.numel() * 4 / copy_ms / 1e6, bf16_TFLOPs=flop / bf16_ms / 1e9,
+                fp8_TFLOPs=flop / fp8_ms / 1e9, int8_mm_TOPs=flop / int8_ms / 1e9)
+
+
+# --- linear ---------------------------------------------------------------------------------------
+
+def _gemm_methods(m: int):
+    """(name -> (builder(n, k, dev, g) -> run(), MMA precision, weight bits, activation bytes),
+    name -> (config -> builder)) for this M; methods that do not apply at this M are left out."""
+    from lowbit.kernels import testing
+    from lowbit.kernels.w4a4 import prepare_w4a4, w4a4_gemm_triton
+    from lowbit.kernels.w4a8 import prepare_w4a8, w4a8_gemm_triton
+    from lowbit.kernels.w4a16 import prepare_w4a16, w4a16_gemm_triton
+    from lowbit.kernels.w8a8 import prepare_w8a8, w8a8_gemm_triton
+    from lowbit.quant.formats import pack_int4
+    fp8 = torch.float8_e4m3fn
+
+    def acts_i8(k, dev, g):
+        return testing.randint(-127, 127, (m, k), g, device=dev), testing.randscale(m, g, device=dev)
+
+    def acts_fp8(k, dev, g):
+        return (torch.randn(m, k, device=dev) * 50).to(fp8), testing.randscale(m, g, device=dev)
+
+    def bf16(n, k, dev, g):
+        x, w = torch.randn(m, k, device=dev, dtype=torch.bfloat16), torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        return lambda: torch.matmul(x, w.t())
+
+    def cublas_fp8(n, k, dev, g):
+        (x, xs), w = acts_fp8(k, dev, g), (torch.randn(n, k, device=dev) * 50).to(fp8)
+        ws = testing.randscale((1, n), g, device=dev)
+        return lambda: torch._scaled_mm(x, w.t(), scale_a=xs[:, None], scale_b=ws, out_dtype=torch.bfloat16)
+
+    def int_mm(n, k, dev, g):
+        x, w = acts_i8(k, dev, g)[0], testing.randint(-127, 127, (n, k), g, device=dev)
+        return lambda: torch._int_mm(x, w.t())
+
+    def w8a8(dtype, cfg=None):
+        def build(n, k, dev, g):
+            x, xs = acts_i8(k, dev, g) if dtype == torch.int8 else acts_fp8(k, dev, g)
+            wq = testing.randint(-127, 127, (n, k), g, device=dev) if dtype == torch.int8 else \
+                (torch.randn(n, k, device=dev) * 50).to(fp8)
+            w = prepare_w8a8(wq, testing.randscale(n, g, device=dev))
+            return lambda: w8a8_gemm_triton(x, xs, w, cfg)
+        return build
+
+    def w4a8(grouped, cfg=None):
+        def build(n, k, dev, g):
+            x, xs = acts_i8(k, dev, g)
+            if grouped:
+                q4, s1, s2, z2 = testing.progressive_weight(n, k, g, device=dev)
+                w = prepare_w4a8(pack_int4(q4), k, s1, s2, z2)
+            else:
+                w = prepare_w4a8(pack_int4(testing.randint(-8, 7, (n, k), g, device=dev)), k,
+                                 testing.randscale(n, g, device=dev))
+            return lambda: w4a8_gemm_triton(x, xs, w, cfg)
+        return build
+
+    def w4a16(n, k, dev, g):
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        codes = testing.randint(-8, 7, (n, k), g, device=dev)
+        w = prepare_w4a16(pack_int4(codes), k, testing.randscale((n, k // 128), g, device=dev))
+        return lambda: w4a16_gemm_triton(x, w)
+
+    def w4a4(n, k, dev, g):
+        k4, ng = k - 128, math.ceil((k - 128) / 128)
+        x4 = pack_int4(testing.randint(-8, 7, (m, k4), g, device=dev))
+        xs4 = testing.randscale((m, ng), g, device=dev)
+        x8, xs8 = acts_i8(128, dev, g)
+        w = prepare_w4a4(pack_int4(testing.randint(-8, 7, (n, k4), g, device=dev)), k4,
+                         testing.randscale((n, ng), g, device=dev),
+                         testing.randint(-127, 127, (n, 128), g, device=dev), testing.randscale(n, g, device=dev))
+        return lambda: w4a4_gemm_triton(x4, xs4, x8, xs8, w)
+
+    methods = {
+        "bf16 cuBLAS": (bf16, "bf16", 16, 2),
+        "fp8 cuBLAS": (cublas_fp8, "fp8", 8, 1),
+        "int8 _int_mm": (int_mm if m > 16 else None, "int8", 8, 1),
+        "W8A8 int8": (w8a8(torch.int8), "int8", 8, 1),
+        "W8A8 fp8": (w8a8(fp8) if m <= 64 else None, "fp8", 8, 1),
+        "W4A8 g128": (w4a8(True), "int8", 4, 1),
+        "W4A8 chan": (w4a8(False), "int8", 4, 1),
+        "W4A16 g128": (w4a16 if m <= 256 else None, "bf16", 4, 2),
+        "W4A4 Atom": (w4a4, "int8", 4, 0.5),
+    }
+    configured = {"W4A8 g128": lambda cfg: w4a8(True, cfg), "W8A8 int8": lambda cfg: w8a8(torch.int8, cfg)}
+    return {k: v for k, v in methods.items() if v[0] is not None}, configured
+
+
+def _sweeps(m: int) -> dict:
+    """Tile configs to time beside the defaults (`--sweep`): name -> (kernel, configs)."""
+    from lowbit.kernels.w4a8 import W4A8Config
+    from lowbit.kernels.w8a8 import W8A8Config
+    bm = max(16, 1 << (m - 1).bit_length())
+    if m <= 64:
+        w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=bn, waves=waves)
+              for acc in (True, False) for bn in (64, 128) for waves in (2, 4, 8)]
+        if m == 64:
+            w4 += [W4A8Config(swap=False, scale_acc=acc, block_m=64, block_n=128) for acc in (True, False)]
+        w8 = [W8A8Config(True, bm, 128, waves=waves) for waves in (4, 8)]
+    else:
+        w4 = [W4A8Config(swap=False, block_m=128, block_n=128, num_warps=8),
+              W4A8Config(swap=False, block_m=128, block_n=256, num_warps=8, num_stages=3),
+              W4A8Config(swap=True, block_m=128, block_n=128, num_warps=8),
+              W4A8Config(swap=True, block_m=128, block_n=256, num_warps=8, num_stages=3),
+              W4A8Config(widen=True)]
+        w8 = [W8A8Config(False, 128, 128, num_warps=8), W8A8Config(False, 256, 128, num_warps=8, num_stages=3)]
+    return {"W4A8 g128": w4, "W8A8 int8": w8}
+
+
+def _label(cfg) -> str:
+    return " ".join(f"{k}={v}" for k, v in vars(cfg).items())
+
+
+def _short(label: str) -> str:
+    """A W4A8 config label without the fields at W4A8Config's defaults."""
+    from lowbit.kernels.w4a8 import W4A8Config
+    base = W4A8Config()
+    pairs = [kv.split("=") for kv in label.split()]
+    return " ".join(f"{k}={v}" for k, v in pairs if str(getattr(base, k, None)) != v) or "W4A8Config()"
+
+
+def bench_layer(model: str, m: int, roofs: dict, sweep: bool) -> list[dict]:
+    cfg = MODELS[model]
+    dev = torch.device("cuda")
+    from lowbit.kernels import testing
+    g = testing.gen(0, "cuda")
+    gemms = layer_gemms(cfg)
+    flop = sum(2 * m * n * k for _, n, k in gemms)
+    methods, configured = _gemm_methods(m)
+    runs = [(name, build, prec, wbits, abytes, None) for name, (build, prec, wbits, abytes) in methods.items()]
+    if sweep:
+        for name, cfgs in _sweeps(m).items():
+            _, prec, wbits, abytes = methods[name]
+            runs += [(f"{name} [{_label(c)}]", configured[name](c), prec, wbits, abytes, c) for c in cfgs]
+    rows = []
+    for name, build, prec, wbits, abytes, cand in runs:
+        nbytes = sum(n * k * wbits / 8 + m * k * abytes + m * n * 2 for _, n, k in gemms)
+        weight_bytes = sum(n * k * wbits / 8 for _, n, k in gemms)
+        copies = max(1, math.ceil(ROTATE_BYTES / weight_bytes))
+        try:
+            fns = [build(n, k, dev, g) for _ in range(copies) for _, n, k in gemms]
+            ms = bench_ms(lambda: [f() for f in fns]) / copies
+        except Exception as e:  # a peer that this torch build or shape does not support
+            rows.append(dict(model=model, m=m, method=name, error=f"{type(e).__name__}: {e}"[:200]))
+            continue
+        finally:
+            fns = None
+            torch.cuda.empty_cache()
+        peak = roofs["bf16_TFLOPs"] if prec == "bf16" else roofs["fp8_TFLOPs"]
+        roof_ms = max(nbytes / roofs["copy_GBps"] / 1e6, flop / peak / 1e9)
+        rows.append(dict(model=model, m=m, method=name, us=ms * 1e3, TFLOPs=flop / ms / 1e9,
+                         GBps=nbytes / ms / 1e6, roof_pct=100 * roof_ms / ms, bytes=nbytes,
+                         config=None if cand is None else vars(cand)))
+    return rows
+
+
+# --- attention ------------------------------------------------------------------------------------
+
+def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) -> list[dict]:
+    from lowbit.kernels import testing
+    from lowbit.kernels.paged_attention import DecodeConfig, paged_decode_attention_triton
+    cfg = MODELS[model]
+    hq, hkv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    dev = torch.device("cuda")
+    g = testing.gen(0, "cuda")
+    scale = d ** -0.5
+    rows = []
+
+    def paged(bits, cfg=None):
+        blocks = batch * ctx // PAGE
+        dc = d // 2 if bits == 4 else d
+        codes = [testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2)]
+        sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
+        tables = torch.randperm(blocks, device=dev).to(torch.int32).view(batch, ctx // PAGE)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
+        return lambda: paged_decode_attention_triton(q, *codes, *sz, tables, lens, scale, max_seq_len=ctx,
+                                                     config=cfg)
+
+    def sdpa():
+        q = torch.randn(batch, hkv, hq // hkv, d, device=dev, dtype=torch.bfloat16)  # GQA: the group as queries
+        k, v = (torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2}
+    builders = {"KV8 paged": lambda: paged(8), "KV4 paged": lambda: paged(4), "SDPA bf16": sdpa}
+    if sweep:
+        for cfg in (DecodeConfig(waves=4), DecodeConfig(waves=8), DecodeConfig(block_n=128, waves=4),
+                    DecodeConfig(block_n=32, num_stages=4, waves=4), DecodeConfig(num_warps=8, waves=4),
+                    DecodeConfig(block_n=128, num_warps=8, waves=4), DecodeConfig(num_stages=2, waves=8)):
+            for bits in (8, 4):
+                builders[f"KV{bits} paged [{_label(cfg)}]"] = lambda bits=bits, cfg=cfg: paged(bits, cfg)
+    for name, build in builders.items():
+        nbytes = batch * ctx * per_token[name.split(" [")[0]] + 2 * batch * hq * d * 2
+        copies = max(1, math.ceil(ROTATE_BYTES / nbytes))
+        try:
+            fns = [build() for _ in range(copies)]
+            ms = bench_ms(lambda: [f() for f in fns]) / copies
+        finally:
+            fns = None
+            torch.cuda.empty_cache()
+        rows.append(dict(model=model, batch=batch, ctx=ctx, method=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
+                         roof_pct=100 * nbytes / roofs["copy_GBps"] / 1e6 / ms, bytes=nbytes))
+    return rows
+
+
+# --- instructions ----------------------------------------------------------------------------------
+
+def mma_instructions() -> list[dict]:
+    """The MMA instructions of every compiled variant of our GEMM kernels: wgmma (sm_90a) or not."""
+    import re
+
+    from lowbit.kernels import w4a4, w4a8, w4a16, w8a8
+    found = []
+    for kernel in (w4a8._w4a8_kernel, w8a8._w8a8_kernel, w4a16._w4a16_kernel, w4a4._w4a4_kernel):
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                names = compiled.src.fn.arg_names
+                consts = {names[k[0]]: str(v) for k, v in compiled.src.constants.items() if len(k) == 1}
+                try:
+                    sass = compiled.asm["sass"]
+                except Exception as e:  # no cuobjdump
+                    sass = f"unavailable: {e}"
+                found.append(dict(
+                    kernel=kernel.__name__, constants=consts,
+                    ptx=sorted(set(re.findall(r"(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", compiled.asm["ptx"]))),
+                    sass=sorted(set(re.findall(r"\b([IHQ]GMMA\.[\w.]+|[IH]MMA\.[\w.]+)", sass))) or sass[:80]))
+    return found
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+def _ratio(rows, key, num, den):
+    a = next((r for r in rows if r.get("method") == num and all(r.get(k) == v for k, v in key.items()) and "us" in r), None)
+    b = next((r for r in rows if r.get("method") == den and all(r.get(k) == v for k, v in key.items()) and "us" in r), None)
+    return None if a is None or b is None else b["us"] / a["us"]
+
+
+def _best(rows, base: str, **key):
+    """The fastest row of `base` or its swept configs (`base [config]`) matching key."""
+    rows = [r for r in rows if "us" in r and r["method"].split(" [")[0] == base
+            and all(r.get(k) == v for k, v in key.items())]
+    return min(rows, key=lambda r: r["us"], default=None)
+
+
+def targets(result: dict) -> list[dict]:
+    """The issue's targets from this run's rows (speedup = peer time / our time), for our default
+    config and, where configs were swept, for the fastest one."""
+    lin, att = result["linear"], result["attention"]
+    out = []
+
+    def add(target, want, got, ok, row):
+        cfg = row["method"].split(" [")[1].rstrip("]") if row is not None and " [" in row["method"] else "default"
+        if row is not None and row["method"].startswith("W4A8 g128 ["):
+            cfg = _short(cfg)
+        out.append(dict(target=target, config=cfg, want=want, got=None if got is None else round(got, 2),
+                        met=got is not None and ok(got)))
+
+    for m in [mm for mm in result["ms"] if mm == 4096 or mm <= 64]:
+        key = dict(model="llama3-8b", m=m)
+        ours = {"default": next((r for r in lin if r["method"] == "W4A8 g128" and r["m"] == m
+                                 and r["model"] == "llama3-8b" and "us" in r), None),
+                "swept": _best(lin, "W4A8 g128", **key)}
+        need = (0.9, 1.6) if m == 4096 else (1.3, 2.5)
+        for kind, row in ours.items():
+            if row is None or (kind == "swept" and " [" not in row["method"]):
+                continue
+            for peer, want in zip(("fp8 cuBLAS", "bf16 cuBLAS"), need):
+                p = _best(lin, peer, **key)
+                got = None if p is None else p["us"] / row["us"]
+                add(f"W4A8 g128 vs {peer}, 8B layer, M={m}", f">= {want}x", got, lambda g, w=want: g >= w, row)
+    sdpa = _best(att, "SDPA bf16", batch=64, ctx=4096)
+    for kind in ("default", "swept"):
+        kv4 = (next((r for r in att if r["method"] == "KV4 paged" and r["batch"] == 64 and r["ctx"] == 4096), None)
+               if kind == "default" else _best(att, "KV4 paged", batch=64, ctx=4096))
+        if kv4 is None or (kind == "swept" and " [" not in kv4["method"]):
+            continue
+        add("KV4 decode vs SDPA bf16, batch 64, ctx 4k", ">= 3x", None if sdpa is None else sdpa["us"] / kv4["us"],
+            lambda g: g >= 3, kv4)
+        add("KV4 decode share of copy bandwidth, batch 64, ctx 4k", ">= 60%", kv4["roof_pct"], lambda g: g >= 60, kv4)
+    return out
+
+
+def _fmt(v, nd=1):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def tables(result: dict, markdown: bool) -> str:
+    """The short summary tables (and, for markdown, every row)."""
+    def table(head, body):
+        if markdown:
+            lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            lines += ["| " + " | ".join(r) + " |" for r in body]
+        else:
+            widths = [max(len(x) for x in col) for col in zip(head, *body)]
+            lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head] + body]
+        return "\n".join(lines)
+
+    lin = result["linear"]
+    names = ["bf16 cuBLAS", "fp8 cuBLAS", "int8 _int_mm", "W8A8 int8", "W8A8 fp8", "W4A8 g128", "W4A8 chan",
+             "W4A16 g128", "W4A4 Atom"]
+    body = []
+    for model in result["models"]:
+        for m in result["ms"]:
+            rs = {r["method"]: r for r in lin if r["model"] == model and r["m"] == m and "us" in r}
+            w4 = rs.get("W4A8 g128")
+            body.append([model, str(m)] + [_fmt(rs[n]["us"]) if n in rs else "-" for n in names] +
+                        [_fmt(_ratio(lin, dict(model=model, m=m), "W4A8 g128", "fp8 cuBLAS"), 2),
+                         _fmt(_ratio(lin, dict(model=model, m=m), "W4A8 g128", "bf16 cuBLAS"), 2),
+                         _fmt(w4 and w4["roof_pct"], 0)])
+    out = ["Linear: one layer's 4 GEMMs, us (GPU time under CUDA graphs, median)",
+           table(["model", "M"] + names + ["W4A8/fp8", "W4A8/bf16", "W4A8 %roof"], body)]
+    att = result["attention"]
+    body = []
+    for r in att:
+        if r["method"] != "SDPA bf16":
+            continue
+        rs = {x["method"]: x for x in att if x["batch"] == r["batch"] and x["ctx"] == r["ctx"]}
+        body.append([str(r["batch"]), str(r["ctx"])] +
+                    [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['GBps'] / 1e3, 2)} TB/s)" for n in ("SDPA bf16", "KV8 paged", "KV4 paged")] +
+                    [_fmt(r["us"] / rs["KV8 paged"]["us"], 2), _fmt(r["us"] / rs["KV4 paged"]["us"], 2),
+                     _fmt(rs["KV4 paged"]["roof_pct"], 0)])
+    out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
+            table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA", "KV4 %copy BW"], body)]
+    swept = [r for r in lin + att if " [" in r["method"] and "us" in r]
+    if swept:
+        best = {}
+        for r in swept:
+            key = (r["method"].split(" [")[0], r.get("m", (r.get("batch"), r.get("ctx"))))
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+        out += ["", "Sweep: fastest config per method and M (or batch, ctx)",
+                table(["method", "M / (batch, ctx)", "us", "config"],
+                      [[k[0], str(k[1]), _fmt(r["us"]),
+                        (_short if k[0] == "W4A8 g128" else str)(r["method"].split(" [")[1].rstrip("]"))]
+                       for k, r in sorted(best.items(), key=str)])]
+    mma = sorted({(k["kernel"], ", ".join(f"{n}={k['constants'][n]}" for n in ("SWAP", "SCALE_ACC", "BM", "BN", "FP8")
+                                           if n in k["constants"]), " ".join(k["sass"]) if isinstance(k["sass"], list) else k["sass"])
+                  for k in result.get("mma_instructions", [])})
+    if mma:
+        out += ["", "MMA instructions in the SASS of each compiled GEMM variant",
+                table(["kernel", "constexprs", "SASS MMA"], [list(r) for r in mma])]
+    out += ["", "Targets", table(["target", "config", "want", "got", "met"],
+                                 [[t["target"], t["config"], t["want"], _fmt(t["got"], 2), "yes" if t["met"] else "no"]
+                                  for t in result["targets"]])]
+    if markdown:
+        rows = [[r["model"], str(r["m"]), r["method"], _fmt(r.get("us")), _fmt(r.get("TFLOPs")),
+                 _fmt(r.get("GBps")), _fmt(r.get("roof_pct"), 0), r.get("error", "")] for r in lin]
+        out += ["", "All linear rows", table(["model", "M", "method", "us", "TFLOP/s", "GB/s", "% roof", "error"], rows)]
+    return "\n".join(out)
+
+
+def _env() -> dict:
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    return dict(device=props.name, sms=props.multi_processor_count, memory_GiB=round(props.total_memory / 2**30, 1),
+                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=os.environ.get("LOWBIT_COMMIT", commit))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lowbit.bench kernels")
+    p.add_argument("--quick", action="store_true", help="the 8B model, fewer M, batches and contexts")
+    p.add_argument("--out", default="out/bench", help="directory for kernels.json")
+    p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    p.add_argument("--sweep", action="store_true", help="also time other tile configs (8B model)")
+    p.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run's kernels.json")
+    args = p.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            result = json.load(f)
+        result["targets"] = targets(result)
+        print(f"{result['env']['device']}, {result['env']['date']}, commit {result['env']['commit']}, "
+              f"torch {result['env']['torch']}, triton {result['env']['triton']}; roofs: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result["roofs"].items()))
+        print(tables(result, args.markdown))
+        return 0
+    if not torch.cuda.is_available():
+        print("lowbit.bench kernels needs a CUDA GPU")
+        return 2
+    sel = QUICK if args.quick else dict(models=list(MODELS), ms=MS, batches=BATCHES, contexts=CONTEXTS)
+    result = dict(env=_env(), quick=args.quick, **sel)
+    print(json.dumps(result["env"]), flush=True)
+    result["roofs"] = measure_roofs()
+    print(json.dumps(result["roofs"]), flush=True)
+    result["linear"] = []
+    for model in sel["models"]:
+        for m in sel["ms"]:
+            rows = bench_layer(model, m, result["roofs"], sweep=args.sweep and model == "llama3-8b")
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            result["linear"] += rows
+    result["attention"] = []
+    for batch in sel["batches"]:
+        for ctx in sel["contexts"]:
+            rows = bench_attention("llama3-8b", batch, ctx, result["roofs"],
+                                   sweep=args.sweep and (batch, ctx) in ((64, 4096), (1, 4096)))
+            for r in rows:
+                print(json.dumps(r), flush=True)
+            result["attention"] += rows
+    result["mma_instructions"] = mma_instructions()
+    result["targets"] = targets(result)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print()
+    print(tables(result, args.markdown))
+    return 0

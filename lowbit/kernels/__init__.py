@@ -1,0 +1,14 @@
+"""Triton kernels for Hopper, one module per family, each with a torch reference in `reference.py`.
+
+| module | ops (dispatch: Triton on CUDA tensors, the reference elsewhere) | load-time layout |
+| --- | --- | --- |
+| `w4a8` | `w4a8_gemm`: int4 (QServe g128 or per channel) x int8 per token | `prepare_w4a8` |
+| `w8a8` | `w8a8_gemm`: int8 or fp8 (cuBLAS `_scaled_mm` where faster) | `prepare_w8a8` |
+| `w4a16` | `w4a16_gemm`: int4 groups x bf16, small batches | `prepare_w4a16` |
+| `w4a4` | `w4a4_gemm`: int4 groups x int4 groups + int8 outliers (Atom) | `prepare_w4a4` |
+| `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token | - |
+| `paged_attention` | `kv_cache_write`, `paged_decode_attention` over int8 / int4 KV blocks | - |
+
+`common` holds what they share (int4 layout and SWAR widening, split-K, tile order); `testing`
+the helpers of their tests and benchmark. Timings: docs/benchmarks.md.
+"""

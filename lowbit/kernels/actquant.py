@@ -1,0 +1,133 @@
+"""Fused per-token activation quantization: one program per token row, one read of its input.
+
+- `rmsnorm_quant`: [residual add ->] RMSNorm [-> channel permutation] -> int8 or fp8 per token;
+- `silu_mul_quant`: SiLU(gate) * up -> int8 or fp8 per token;
+- `quant_per_token`: x -> int8 or fp8 per token.
+
+int8: `s = absmax / 127`, `q = clamp(round(y / s), -128, 127)`; fp8 e4m3: `s = absmax / 448`,
+`q = fp8(y / s)`. An all-zero row gets `s = 0` and zero codes. With a residual, the sum is rounded
+to the residual's dtype (it is written back as the next residual) before the norm reads it.
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import reference
+from lowbit.kernels.common import round_half_even, tl, triton, use_triton
+
+
+def _launch_rows(n_cols: int, **kw):
+    block = triton.next_power_of_2(n_cols)
+    return dict(BLOCK=block, num_warps=min(32, max(4, block // 1024)), **kw)
+
+
+def rmsnorm_quant_triton(x, weight, eps, residual=None, perm=None, out_dtype=torch.int8):
+    t, h = x.shape
+    q = torch.empty(t, h, dtype=out_dtype, device=x.device)
+    scale = torch.empty(t, dtype=torch.float32, device=x.device)
+    res_out = torch.empty_like(residual) if residual is not None else None
+    _rownorm_quant_kernel[(t,)](
+        x, residual if residual is not None else x, res_out if residual is not None else x,
+        weight, perm if perm is not None else weight, q, scale, h, eps, x.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        **_launch_rows(h, NORM=True, RESID=residual is not None,
+                       PERM=perm is not None, FP8=out_dtype == torch.float8_e4m3fn))
+    return (q, scale) if residual is None else (q, scale, res_out)
+
+
+def quant_per_token_triton(x, out_dtype=torch.int8):
+    t, h = x.shape
+    q = torch.empty(t, h, dtype=out_dtype, device=x.device)
+    scale = torch.empty(t, dtype=torch.float32, device=x.device)
+    _rownorm_quant_kernel[(t,)](
+        x, x, x, x, x, q, scale, h, 0.0, x.stride(0), 0,
+        **_launch_rows(h, NORM=False, RESID=False, PERM=False,
+                       FP8=out_dtype == torch.float8_e4m3fn))
+    return q, scale
+
+
+def silu_mul_quant_triton(x, out_dtype=torch.int8):
+    t, two_i = x.shape
+    i = two_i // 2
+    q = torch.empty(t, i, dtype=out_dtype, device=x.device)
+    scale = torch.empty(t, dtype=torch.float32, device=x.device)
+    _silu_mul_quant_kernel[(t,)](x, q, scale, i, x.stride(0),
+                                 **_launch_rows(i, FP8=out_dtype == torch.float8_e4m3fn))
+    return q, scale
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                  perm: torch.Tensor | None = None, out_dtype: torch.dtype = torch.int8):
+    """x `[T, H]`, weight `[H]`; perm (int `[H]`): output channel j is normalized channel perm[j].
+    Returns `(q [T, H], scale fp32 [T])`, plus the new residual `x + residual` when given one."""
+    if use_triton(x):
+        return rmsnorm_quant_triton(x, weight, eps, residual, perm, out_dtype)
+    return reference.rmsnorm_quant(x, weight, eps, residual, perm, out_dtype)
+
+
+def silu_mul_quant(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
+    """x `[T, 2I]` = [gate | up] -> `(q [T, I], scale fp32 [T])` of SiLU(gate) * up."""
+    if use_triton(x):
+        return silu_mul_quant_triton(x, out_dtype)
+    return reference.silu_mul_quant(x, out_dtype)
+
+
+def quant_per_token(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
+    """x `[T, H]` -> `(q [T, H], scale fp32 [T])`."""
+    if use_triton(x):
+        return quant_per_token_triton(x, out_dtype)
+    return reference.quant_per_token(x, out_dtype)
+
+
+@triton.jit
+def _quantize_store(q_ptrs, s_ptr, y, amax, mask, FP8: tl.constexpr):
+    if FP8:
+        scale = amax / 448.0
+    else:
+        scale = amax / 127.0
+    v = tl.where(scale > 0, tl.math.div_rn(y, tl.where(scale > 0, scale, 1.0)), 0.0)
+    if FP8:
+        q = tl.clamp(v, -448.0, 448.0).to(tl.float8e4nv)
+    else:
+        q = round_half_even(tl.clamp(v, -128.0, 127.0)).to(tl.int8)
+    tl.store(q_ptrs, q, mask=mask)
+    tl.store(s_ptr, scale)
+
+
+@triton.jit
+def _rownorm_quant_kernel(x_ptr, r_ptr, rout_ptr, w_ptr, perm_ptr, q_ptr, s_ptr, H, eps,
+                          stride_x, stride_r, NORM: tl.constexpr, RESID: tl.constexpr,
+                          PERM: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if RESID:
+        h = x.to(tl.float32) + tl.load(r_ptr + row * stride_r + offs, mask=ok, other=0.0).to(tl.float32)
+        h = h.to(x.dtype)
+        tl.store(rout_ptr + row * stride_r + offs, h, mask=ok)
+        x = h
+    y = x.to(tl.float32)
+    rstd = 1.0
+    if NORM:
+        rstd = 1.0 / tl.sqrt(tl.sum(y * y, 0) / H + eps)
+        y = y * rstd * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(y), 0)
+    if PERM:  # the same values again, gathered in the output's channel order
+        idx = tl.load(perm_ptr + offs, mask=ok, other=0)
+        xp = tl.load(x_ptr + row * stride_x + idx, mask=ok, other=0.0)
+        if RESID:
+            xp = (xp.to(tl.float32) + tl.load(r_ptr + row * stride_r + idx, mask=ok, other=0.0).to(tl.float32)).to(xp.dtype)
+        y = xp.to(tl.float32) * rstd * tl.load(w_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    _quantize_store(q_ptr + row * H + offs, s_ptr + row, y, amax, ok, FP8)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, FP8: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < I
+    g = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + I + offs, mask=ok, other=0.0).to(tl.float32)
+    y = g / (1.0 + tl.exp(-g)) * u
+    _quantize_store(q_ptr + row * I + offs, s_ptr + row, y, tl.max(tl.abs(y), 0), ok, FP8)

@@ -1,0 +1,285 @@
+"""Paged KV cache with asymmetric int8 / int4 codes: the quantizing write and decode attention.
+
+Cache layout (one set for K, one for V):
+- codes uint8 `[num_blocks, block_size, n_kv_heads, head_dim]` (int8), or
+  `[num_blocks, block_size, n_kv_heads, head_dim / 2]` (int4, `pack_int4` order along head_dim);
+- scale and zero fp32 `[num_blocks, block_size, n_kv_heads, 2]`, one pair per (token, head):
+  `s = (max - min) / (2^b - 1)` (1 for a constant row), `z = clamp(round(-min / s), 0, 2^b - 1)`,
+  `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x ~ (q - z) * s`.
+
+Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
+of the context); the group's query heads share each K/V tile. Codes enter fp16 MMAs without a
+conversion: a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left
+in place, gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two
+codes per 32-bit op. Scale and zero are folded out per token:
+`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way. Long
+contexts are split across programs and merged by log-sum-exp (flash-decoding).
+"""
+from __future__ import annotations
+
+import torch
+
+from dataclasses import dataclass
+
+from lowbit.kernels import reference
+from lowbit.kernels.common import cdiv, round_half_even, sm_count, tl, triton, use_triton
+
+MIN_SPLIT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Defaults: the fastest of those swept on an H200 (docs/benchmarks.md)."""
+    block_n: int = 128  # tokens per step
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: int = 4  # (sequence, head, split) programs per SM
+
+
+def kv_bits(cache: torch.Tensor, head_dim: int) -> int:
+    return 4 if cache.shape[-1] * 2 == head_dim else 8
+
+
+def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping):
+    t, hkv, d = key.shape
+    bits = kv_bits(k_cache, d)
+    for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
+        _kv_write_kernel[(t,)](x, cache, sz, slot_mapping, x.stride(0), x.stride(1), HKV=hkv, D=d,
+                               BITS=bits, BH=triton.next_power_of_2(hkv), num_warps=4)
+
+
+def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   k_sz: torch.Tensor, v_sz: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Quantize key/value `[T, n_kv_heads, head_dim]` into the cache slots `slot_mapping` `[T]`
+    (block * block_size + offset; -1: skip), in place."""
+    if use_triton(key):
+        return kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
+    return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
+
+
+def decode_splits(batch: int, n_kv_heads: int, max_seq_len: int, device, waves: int) -> int:
+    """Enough (sequence, head, split) programs for `waves` per SM, each >= MIN_SPLIT_TOKENS."""
+    n_sm = sm_count(device) if device.type == "cuda" else 4
+    want = cdiv(waves * n_sm, batch * n_kv_heads)
+    return max(1, min(want, cdiv(max_seq_len, MIN_SPLIT_TOKENS)))
+
+
+def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
+                                  max_seq_len=None, splits=None, config: DecodeConfig | None = None):
+    b, hq, d = q.shape
+    _, bs, hkv, _ = k_cache.shape
+    bits = kv_bits(k_cache, d)
+    gq = hq // hkv
+    cfg = config or DecodeConfig()
+    max_seq_len = max_seq_len or block_tables.shape[1] * bs
+    splits = splits or decode_splits(b, hkv, max_seq_len, q.device, cfg.waves)
+    per_split = cdiv(cdiv(max_seq_len, splits), cfg.block_n) * cfg.block_n
+    out = torch.empty(b, hq, d, dtype=torch.bfloat16, device=q.device)
+    if splits > 1:
+        part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out
+    _paged_decode_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
+        q.stride(0), q.stride(1), block_tables.stride(0), per_split,
+        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n,
+        SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        _merge_splits_kernel[(b, hq)](part_o, part_lse, out, D=d, SPLITS=splits,
+                                      SP=triton.next_power_of_2(splits), num_warps=4)
+    return out
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           k_sz: torch.Tensor, v_sz: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+    """q `[B, n_heads, head_dim]` (one token per sequence) -> bf16 `[B, n_heads, head_dim]`.
+
+    block_tables int32 `[B, max_blocks]` (-1 past the end), seq_lens int32 `[B]` (tokens in the
+    cache, >= 1). max_seq_len bounds seq_lens (default: what the block table can hold); it only
+    sets the split of the context, so a fixed value keeps the launch CUDA-graph safe.
+    """
+    if use_triton(q):
+        return paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
+                                             scale, max_seq_len)
+    return reference.paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
+                                            scale, max_seq_len)
+
+
+@triton.jit
+def _quant_asym(x, lo, hi, QMAX: tl.constexpr):
+    """Codes of x for the per-row range [lo, hi] (`[rows, 1]`), with their scale and zero."""
+    rng = hi - lo
+    s = tl.where(rng > 0, tl.math.div_rn(rng, QMAX), 1.0)
+    z = tl.clamp(round_half_even(tl.clamp(tl.math.div_rn(-lo, s), -2.0 * QMAX, 2.0 * QMAX)), 0.0, QMAX)
+    v = tl.clamp(tl.math.div_rn(x, s), -2.0 * QMAX, 2.0 * QMAX)
+    return tl.clamp(round_half_even(v) + z, 0.0, QMAX).to(tl.uint8), s, z
+
+
+@triton.jit
+def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, stride_t, stride_h, HKV: tl.constexpr,
+                     D: tl.constexpr, BITS: tl.constexpr, BH: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    offs_h = tl.arange(0, BH)
+    ok = (offs_h[:, None] < HKV) & (slot >= 0)
+    rows = x_ptr + t * stride_t + offs_h[:, None] * stride_h
+    dst = slot * HKV + offs_h  # (token, head) row of the cache
+    if BITS == 8:
+        offs_d = tl.arange(0, D)
+        x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        c, s, z = _quant_asym(x, tl.min(x, 1)[:, None], tl.max(x, 1)[:, None], 255.0)
+        tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], c, mask=ok)
+    else:
+        offs_d = tl.arange(0, D // 2)
+        x0 = tl.load(rows + 2 * offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        x1 = tl.load(rows + 2 * offs_d[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
+        lo = tl.minimum(tl.min(x0, 1), tl.min(x1, 1))[:, None]
+        hi = tl.maximum(tl.max(x0, 1), tl.max(x1, 1))[:, None]
+        c0, s, z = _quant_asym(x0, lo, hi, 15.0)
+        c1, _, _ = _quant_asym(x1, lo, hi, 15.0)
+        tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], c0 | (c1 << 4), mask=ok)
+    h_ok = (offs_h < HKV) & (slot >= 0)
+    tl.store(sz_ptr + dst * 2, tl.sum(s, 1), mask=h_ok)
+    tl.store(sz_ptr + dst * 2 + 1, tl.sum(z, 1), mask=h_ok)
+
+
+_INT4_FP16_ASM = tl.constexpr("""{
+.reg .b32 t0, t1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+and.b32 $0, t0, 0x000F000F;
+or.b32 $0, $0, 0x64006400;
+and.b32 $1, t1, 0x000F000F;
+or.b32 $1, $1, 0x64006400;
+and.b32 $2, t0, 0x00F000F0;
+or.b32 $2, $2, 0x64006400;
+and.b32 $3, t1, 0x00F000F0;
+or.b32 $3, $3, 0x64006400;
+}""")
+
+_INT8_FP16_ASM = tl.constexpr("""{
+.reg .b32 t;
+prmt.b32 t, $2, 0, 0x4140;
+or.b32 $0, t, 0x64006400;
+prmt.b32 t, $2, 0, 0x4342;
+or.b32 $1, t, 0x64006400;
+}""")
+
+
+@triton.jit
+def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr):
+    """uint8 code tile -> fp16 planes: int8 (1024 + c, unused); int4 (1024 + low, 1024 + 16 high).
+    ASM: bytes moved into the fp16 lanes by PRMT, two values per 32-bit op."""
+    if BITS == 4:
+        if ASM:
+            a, b = tl.inline_asm_elementwise(_INT4_FP16_ASM, "=r,=r,=r,=r,r", [c],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            a = ((c & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            b = ((c & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        if ASM:
+            a = tl.inline_asm_elementwise(_INT8_FP16_ASM, "=r,=r,r", [c], dtype=tl.float16,
+                                          is_pure=True, pack=4)
+        else:
+            a = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+        b = a
+    return a, b
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr,
+                         plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
+                         HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                         BITS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+                         SPLITS: tl.constexpr, ASM: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    DC: tl.constexpr = D // 2 if BITS == 4 else D  # code bytes per (token, head)
+    STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
+    seq_len = tl.load(sl_ptr + b)
+    start = sp * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_h = tl.arange(0, BH)
+    offs_c = tl.arange(0, DC)
+    h_ok = offs_h[:, None] < GQ
+    q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
+    # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
+    # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
+    qa = tl.load(q_rows + STEP * offs_c[None, :], mask=h_ok, other=0.0).to(tl.float16)
+    qsum = tl.sum(qa.to(tl.float32), 1)
+    q_1024 = 1024.0 * qsum  # q . 1024
+    if BITS == 4:
+        qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
+        qb_sum = tl.sum(qb.to(tl.float32), 1)
+        qsum += 16.0 * qb_sum
+        q_1024 += 1024.0 * qb_sum
+    m_i = tl.full([BH], float("-inf"), tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    acc_a = tl.zeros([BH, DC], tl.float32)
+    acc_b = tl.zeros([BH, DC], tl.float32)
+    for t0 in range(start, end, BN):
+        offs_t = t0 + tl.arange(0, BN)
+        t_ok = offs_t < end
+        blk = tl.load(bt_ptr + b * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
+        row = (blk * BS + offs_t % BS) * HKV + kvh
+        kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
+        k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0)
+        k_z = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+        ka, kb = _codes_fp16(kc, BITS, ASM)
+        raw = tl.dot(qa, tl.trans(ka))
+        if BITS == 4:
+            raw = tl.dot(qb, tl.trans(kb), raw)
+        scores = (raw - q_1024[:, None] - qsum[:, None] * k_z[None, :]) * (k_s * sm_scale)[None, :]
+        scores = tl.where(t_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
+        v_s = tl.load(vsz_ptr + row * 2, mask=t_ok, other=0.0)
+        v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+        pv = (p * v_s[None, :]).to(tl.float16)
+        pvf = pv.to(tl.float32)
+        va, vb = _codes_fp16(vc, BITS, ASM)
+        corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
+        acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
+        if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
+            corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
+            acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+    has = l_i > 0  # an empty split has no tokens
+    inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
+    acc_b = acc_b / 16.0
+    heads = kvh * GQ + offs_h[:, None]
+    if SPLITS == 1:
+        o_rows = o_ptr + (b * HKV * GQ + heads) * D
+        tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(tl.bfloat16), mask=h_ok)
+        if BITS == 4:
+            tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(tl.bfloat16), mask=h_ok)
+    else:
+        part = (b * HKV * GQ + heads) * SPLITS + sp
+        tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
+        if BITS == 4:
+            tl.store(po_ptr + part * D + 2 * offs_c[None, :] + 1, acc_b * inv_l, mask=h_ok)
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(plse_ptr + part, lse[:, None], mask=h_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr,
+                         SP: tl.constexpr):
+    """out = sum_s w_s o_s, w = softmax over the splits' log-sum-exps (empty splits: -inf)."""
+    row = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    offs_s = tl.arange(0, SP)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(plse_ptr + row * SPLITS + offs_s, mask=offs_s < SPLITS, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.exp(lse - tl.where(top > float("-inf"), top, 0.0))
+    w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+    o = tl.load(po_ptr + (row * SPLITS + offs_s[:, None]) * D + offs_d[None, :],
+                mask=offs_s[:, None] < SPLITS, other=0.0)
+    tl.store(o_ptr + row * D + offs_d, tl.sum(w[:, None] * o, 0).to(tl.bfloat16))

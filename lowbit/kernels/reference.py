@@ -1,0 +1,129 @@
+"""Torch references: one per kernel, with the kernel's signature, on any device.
+
+They read the same prepared layouts as the kernels and compute in fp32 from the codes, scales and
+zeros, so they define what each kernel must return (up to accumulation order).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels.common import KBLOCK, unpack_halves
+from lowbit.quant.formats import pack_int4, unpack_int4
+
+
+def _per_group(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """Group-major `[n_groups, N]` -> per element `[N, k]`."""
+    return t.t().repeat_interleave(group, dim=1)[:, :k]
+
+
+def w4a8_weight(w) -> torch.Tensor:
+    """The int8 weight `[N, K]` a `W4A8Weight` stands for (`q8`; times `s1` is the real weight)."""
+    codes = unpack_halves(w.qweight)[:, :w.k].to(torch.int16)
+    if w.s2 is None:
+        return (codes - 8).to(torch.int8)
+    s2 = _per_group(w.s2, KBLOCK, w.k).to(torch.int16)
+    z2 = _per_group(w.z2, KBLOCK, w.k).to(torch.int16)
+    return ((codes - z2) * s2).to(torch.int8)
+
+
+def w4a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w) -> torch.Tensor:
+    acc = x_q.float() @ w4a8_weight(w).float().t()
+    return (acc * x_scale.float()[:, None] * w.s1[None, :]).to(torch.bfloat16)
+
+
+def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w) -> torch.Tensor:
+    acc = x_q.float() @ w.qweight.float().t()
+    return (acc * x_scale.float()[:, None] * w.scale[None, :]).to(torch.bfloat16)
+
+
+def w4a16_weight(w) -> torch.Tensor:
+    """The fp32 weight `[N, K]` a `W4A16Weight` stands for."""
+    codes = unpack_halves(w.qweight)[:, :w.k].float()
+    return (codes - _per_group(w.zeros, w.group, w.k).float()) * _per_group(w.scales, w.group, w.k)
+
+
+def w4a16_gemm(x: torch.Tensor, w) -> torch.Tensor:
+    return (x.float() @ w4a16_weight(w).t()).to(torch.bfloat16)
+
+
+def w4a4_gemm(x4: torch.Tensor, xs4: torch.Tensor, x8: torch.Tensor, xs8: torch.Tensor, w) -> torch.Tensor:
+    k4 = w.k4
+    xd = unpack_int4(x4, k4, signed=True).float() * xs4.float().repeat_interleave(128, dim=1)[:, :k4]
+    wd = unpack_int4(w.w4, k4, signed=True).float() * _per_group(w.ws4, 128, k4)
+    out = xd @ wd.t() + (x8.float() * xs8.float()[:, None]) @ (w.w8.float() * w.ws8[:, None]).t()
+    return out.to(torch.bfloat16)
+
+
+def _quantize_rows(y: torch.Tensor, amax: torch.Tensor, out_dtype: torch.dtype):
+    fp8 = out_dtype == torch.float8_e4m3fn
+    scale = amax / (448.0 if fp8 else 127.0)
+    v = torch.where(scale[:, None] > 0, y / torch.where(scale > 0, scale, 1.0)[:, None], 0.0)
+    q = v.clamp(-448.0, 448.0).to(out_dtype) if fp8 else torch.round(v.clamp(-128.0, 127.0)).to(torch.int8)
+    return q, scale
+
+
+def rmsnorm_quant(x, weight, eps, residual=None, perm=None, out_dtype=torch.int8):
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    y = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    amax = y.abs().amax(-1)
+    q, scale = _quantize_rows(y if perm is None else y[:, perm.long()], amax, out_dtype)
+    return (q, scale) if residual is None else (q, scale, h)
+
+
+def silu_mul_quant(x, out_dtype=torch.int8):
+    gate, up = x.float().chunk(2, dim=-1)
+    y = torch.nn.functional.silu(gate) * up
+    return _quantize_rows(y, y.abs().amax(-1), out_dtype)
+
+
+def quant_per_token(x, out_dtype=torch.int8):
+    y = x.float()
+    return _quantize_rows(y, y.abs().amax(-1), out_dtype)
+
+
+def _quant_asym(x: torch.Tensor, bits: int):
+    """Per-row asymmetric codes of x `[..., D]` (fp32): (uint8 codes, scale, zero)."""
+    qmax = float(2 ** bits - 1)
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    s = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
+    z = torch.round((-lo / s).clamp(-2 * qmax, 2 * qmax)).clamp(0, qmax)
+    q = (torch.round((x / s).clamp(-2 * qmax, 2 * qmax)) + z).clamp(0, qmax).to(torch.uint8)
+    return q, s.squeeze(-1), z.squeeze(-1)
+
+
+def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping) -> None:
+    d = key.shape[-1]
+    bits = 4 if k_cache.shape[-1] * 2 == d else 8
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
+        q, s, z = _quant_asym(x[keep].float(), bits)
+        if bits == 4:
+            q = pack_int4(q)
+        cache.view(-1, *cache.shape[2:])[slots] = q
+        sz.view(-1, *sz.shape[2:])[slots] = torch.stack((s, z), dim=-1)
+
+
+def kv_dequant(cache: torch.Tensor, sz: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Codes `[..., n_kv_heads, head_dim or head_dim/2]` with their (scale, zero) -> fp32 values."""
+    q = cache if cache.shape[-1] == head_dim else unpack_int4(cache, head_dim, signed=False)
+    return (q.float() - sz[..., 1:]) * sz[..., :1]
+
+
+def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
+                           max_seq_len=None) -> torch.Tensor:
+    b, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty(b, hq, d, dtype=torch.bfloat16, device=q.device)
+    for i in range(b):
+        n = int(seq_lens[i])
+        t = torch.arange(n, device=q.device)
+        slots = block_tables[i, t // bs].long() * bs + t % bs
+        k = kv_dequant(k_cache.view(-1, hkv, k_cache.shape[-1])[slots], k_sz.view(-1, hkv, 2)[slots], d)
+        v = kv_dequant(v_cache.view(-1, hkv, v_cache.shape[-1])[slots], v_sz.view(-1, hkv, 2)[slots], d)
+        k = k.repeat_interleave(hq // hkv, dim=1)  # [n, hq, d]
+        v = v.repeat_interleave(hq // hkv, dim=1)
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
+        out[i] = torch.einsum("hn,nhd->hd", p, v).to(torch.bfloat16)
+    return out

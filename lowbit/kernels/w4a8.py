@@ -1,0 +1,194 @@
+"""W4A8 GEMM: int4 weights x int8 per-token activations -> bf16, integer main loop.
+
+Two weight formats share one layout (`W4A8Weight`):
+- QServe progressive g128: `q8 = (q4 - z2) * s2` is exact in int8, `w = q8 * s1[n]`;
+- per-channel int4 (signed codes, stored offset-binary: zero 8, scale 1 at level 2).
+
+`_w4a8_kernel` widens int4 to int8 in registers, four codes per 32-bit op (`common.int4_*`),
+and runs int8 x int8 -> int32 `tl.dot` (wgmma on sm_90a), one group of 128 per K-step, with the
+per-token and per-channel scales in the epilogue. Two switches:
+- SWAP: out^T = W x^T, the weight tile is the MMA's A operand, straight from registers, and the
+  tokens its narrow side (16 and up): small M. Otherwise the weight goes through shared memory.
+- SCALE_ACC (QServe): MMA the zero-shifted codes and apply s2 to the int32 partial sum once per
+  group, instead of multiplying every weight by s2 (cheaper per weight, but each group's MMA
+  must finish before its partial is scaled).
+Small M splits K across programs (one launch; see `common.store_tile`). Large M can instead
+widen the whole weight to int8 once (`_w4a8_widen_kernel`) and run the W8A8 kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import reference
+from lowbit.kernels.common import (KBLOCK, TileConfig, acc_zeros, cdiv, int4_widen, k_range, load_kblock,
+                                   pack_halves, split_k, splitk_buffers, store_scaled, tile_offsets, tl,
+                                   triton, use_triton)
+from lowbit.kernels.w8a8 import W8A8Weight, w8a8_gemm_triton
+from lowbit.quant.formats import unpack_int4
+
+
+@dataclass
+class W4A8Weight:
+    """A W4A8 weight in the kernels' layout (see `prepare_w4a8`).
+
+    qweight: uint8 `[N, Kp/2]`, unsigned codes in `common.KBLOCK` half-split order (Kp = K padded);
+    s1: fp32 `[N]`; s2, z2: uint8 `[Kp/128, N]` (group-major, so a K-step reads them coalesced),
+    or None for per-channel int4 (codes offset by 8); k: the true K.
+    """
+    qweight: torch.Tensor
+    s1: torch.Tensor
+    s2: torch.Tensor | None
+    z2: torch.Tensor | None
+    k: int
+
+    @property
+    def n(self) -> int:
+        return self.qweight.shape[0]
+
+
+def prepare_w4a8(qweight: torch.Tensor, k: int, s1: torch.Tensor, s2: torch.Tensor | None = None,
+                 z2: torch.Tensor | None = None, group: int = 128) -> W4A8Weight:
+    """Canonical checkpoint tensors -> `W4A8Weight` (once, at load).
+
+    qweight: `pack_int4` codes `[N, ceil(k/2)]`: uint4 with `s2`/`z2` (uint8 `[N, ceil(k/group)]`,
+    QServe progressive), or signed int4 without them (per-channel, `s1` the channel scale).
+    """
+    grouped = s2 is not None
+    if grouped and group != KBLOCK:
+        raise ValueError(f"W4A8 kernels take QServe groups of {KBLOCK}, not {group}")
+    codes = unpack_int4(qweight, k, signed=not grouped)
+    if not grouped:
+        codes = (codes.to(torch.int16) + 8).to(torch.uint8)
+    n_groups = cdiv(k, KBLOCK)
+
+    def group_major(t):
+        return None if t is None else t.to(torch.uint8)[:, :n_groups].t().contiguous()
+
+    return W4A8Weight(pack_halves(codes), s1.float().contiguous(), group_major(s2), group_major(z2), k)
+
+
+@dataclass(frozen=True)
+class W4A8Config(TileConfig):
+    swap: bool = True
+    block_m: int = 16
+    scale_acc: bool = False  # QServe: s2 on the int32 partial sums (see the module doc)
+    widen: bool = False  # widen to int8, then the W8A8 kernel (its default config)
+
+
+WIDEN_MIN_M = 1024
+
+
+def default_config(m: int) -> W4A8Config:
+    """The fastest of the configs swept on an H200 (docs/benchmarks.md)."""
+    if m <= 16:
+        return W4A8Config(scale_acc=True, block_m=16, block_n=64, waves=4)
+    if m <= 64:
+        return W4A8Config(scale_acc=True, block_m=triton.next_power_of_2(m), block_n=64)
+    if m < WIDEN_MIN_M:
+        return W4A8Config(block_m=128, block_n=128, num_warps=8)
+    return W4A8Config(widen=True)
+
+
+def w4a8_widen(w: W4A8Weight) -> torch.Tensor:
+    """The int8 weight `[N, Kp]` (columns past K are padding): a scratch copy for large M."""
+    n, kh = w.qweight.shape
+    out = torch.empty(n, 2 * kh, dtype=torch.int8, device=w.qweight.device)
+    grouped = w.s2 is not None
+    _w4a8_widen_kernel[(cdiv(n, 64), kh // 64)](
+        w.qweight, w.s2 if grouped else w.qweight, w.z2 if grouped else w.qweight, out, n,
+        w.qweight.stride(0), out.stride(0), GROUPED=grouped, BN=64, ASM=w.qweight.is_cuda, num_warps=4)
+    return out
+
+
+def w4a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight,
+                     config: W4A8Config | None = None) -> torch.Tensor:
+    m, k = x_q.shape
+    assert k == w.k and x_q.dtype == torch.int8 and x_q.stride(1) == 1
+    n = w.n
+    cfg = config or default_config(m)
+    if cfg.widen:
+        return w8a8_gemm_triton(x_q, x_scale, W8A8Weight(w4a8_widen(w)[:, :k], w.s1))
+    out = torch.empty(m, n, dtype=torch.bfloat16, device=x_q.device)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    split = split_k(cfg.split_k, tiles, cdiv(k, KBLOCK), x_q.device, cfg.waves)
+    ws, locks = splitk_buffers(x_q.device, split * m * n if split > 1 else 0, tiles)
+    grouped = w.s2 is not None
+    s2 = w.s2 if grouped else w.s1  # placeholders the kernel never reads
+    z2 = w.z2 if grouped else w.s1
+    _w4a8_kernel[(tiles, split)](
+        x_q, x_scale, w.qweight, w.s1, s2, z2, out, ws, locks, m, n, k,
+        x_q.stride(0), w.qweight.stride(0), out.stride(0),
+        GROUPED=grouped, SWAP=cfg.swap, SCALE_ACC=grouped and cfg.scale_acc, BM=cfg.block_m,
+        BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def w4a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight) -> torch.Tensor:
+    """`bf16 [M, N] = (x_q @ W^T) * x_scale[:, None]`; x_q int8 `[M, K]`, x_scale fp32 `[M]`."""
+    if use_triton(x_q):
+        return w4a8_gemm_triton(x_q, x_scale, w)
+    return reference.w4a8_gemm(x_q, x_scale, w)
+
+
+@triton.jit
+def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, s2_ptr, z2_ptr, out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, stride_xm, stride_wn, stride_om,
+                 GROUPED: tl.constexpr, SWAP: tl.constexpr, SCALE_ACC: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 ASM: tl.constexpr):
+    """One output tile [BM tokens, BN channels] over this program's share of the K-steps."""
+    pid, offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
+    n_ok = offs_n < N
+    first, last = k_range(tl.cdiv(K, 128), SPLIT_K)
+    acc = acc_zeros(BM, BN, SWAP, tl.int32)
+    for step in range(first, last):
+        a_lo, a_hi, p = load_kblock(x_ptr, w_ptr, stride_xm, stride_wn, offs_m, offs_n, step, M, N, K)
+        if GROUPED:
+            z = tl.load(z2_ptr + step * N + offs_n, mask=n_ok, other=0)
+            s = tl.load(s2_ptr + step * N + offs_n, mask=n_ok, other=0)
+            if SCALE_ACC:
+                lo, hi = int4_widen(p, z[:, None], None, ASM)
+            else:
+                lo, hi = int4_widen(p, z[:, None], s[:, None], ASM)
+        else:
+            lo, hi = int4_widen(p, tl.full([BN, 1], 8, tl.uint8), None, ASM)
+        if SWAP:
+            if SCALE_ACC:
+                part = tl.dot(lo, tl.trans(a_lo), out_dtype=tl.int32)
+                part = tl.dot(hi, tl.trans(a_hi), part, out_dtype=tl.int32)
+                acc += s.to(tl.int32)[:, None] * part
+            else:
+                acc = tl.dot(lo, tl.trans(a_lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(hi, tl.trans(a_hi), acc, out_dtype=tl.int32)
+        else:
+            if SCALE_ACC:
+                part = tl.dot(a_lo, tl.trans(lo), out_dtype=tl.int32)
+                part = tl.dot(a_hi, tl.trans(hi), part, out_dtype=tl.int32)
+                acc += s.to(tl.int32)[None, :] * part
+            else:
+                acc = tl.dot(a_lo, tl.trans(lo), acc, out_dtype=tl.int32)
+                acc = tl.dot(a_hi, tl.trans(hi), acc, out_dtype=tl.int32)
+    store_scaled(out_ptr, ws_ptr, lock_ptr, acc, xs_ptr, s1_ptr, offs_m, offs_n, M, N, stride_om, pid,
+                 SWAP, SPLIT_K)
+
+
+@triton.jit
+def _w4a8_widen_kernel(w_ptr, s2_ptr, z2_ptr, out_ptr, N, stride_wn, stride_on,
+                       GROUPED: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
+    step = tl.program_id(1)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_h = tl.arange(0, 64)
+    ok = offs_n[:, None] < N
+    p = tl.load(w_ptr + offs_n[:, None] * stride_wn + step * 64 + offs_h[None, :], mask=ok, other=0)
+    if GROUPED:
+        z = tl.load(z2_ptr + step * N + offs_n, mask=offs_n < N, other=0)[:, None]
+        s = tl.load(s2_ptr + step * N + offs_n, mask=offs_n < N, other=0)[:, None]
+        lo, hi = int4_widen(p, z, s, ASM)
+    else:
+        lo, hi = int4_widen(p, tl.full([BN, 1], 8, tl.uint8), None, ASM)
+    dst = out_ptr + offs_n[:, None] * stride_on + step * 128 + offs_h[None, :]
+    tl.store(dst, lo, mask=ok)
+    tl.store(dst + 64, hi, mask=ok)

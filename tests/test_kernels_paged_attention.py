@@ -1,0 +1,107 @@
+"""Quantized paged KV cache: the write and decode attention, against float64 and each other."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lowbit.kernels import reference, testing  # noqa: E402
+from lowbit.kernels.paged_attention import (kv_cache_write_triton,  # noqa: E402
+                                            paged_decode_attention_triton)
+
+DEV = testing.triton_device()
+BS, HKV, HQ = 16, 2, 8
+QBOUND = {8: 1.5e-2, 4: 0.2}  # asymmetric per (token, head) quantization error, relative
+
+
+def _empty_cache(n_blocks, d, bits, g):
+    """Caches filled with random bytes, so a slot that is not written is noticed."""
+    dc = d // 2 if bits == 4 else d
+    codes = [testing.randint(0, 255, (n_blocks, BS, HKV, dc), g, torch.uint8) for _ in range(2)]
+    sz = [testing.randscale((n_blocks, BS, HKV, 2), g, 1.0) for _ in range(2)]
+    return codes + sz
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cache_write(bits, d):
+    g = testing.gen()
+    t, n_blocks = 21, 4
+    key, value = testing.randn((t, HKV, d), g), testing.randn((t, HKV, d), g)
+    slots = torch.randperm(n_blocks * BS, generator=g)[:t].to(torch.int64)
+    slots[[3, 11]] = -1
+    caches = _empty_cache(n_blocks, d, bits, g)
+    ref = [c.clone() for c in caches]
+    reference.kv_cache_write(key, value, *ref, slots)
+    keep = slots >= 0
+    for x, cache, sz in ((key, ref[0], ref[2]), (value, ref[1], ref[3])):
+        got = reference.kv_dequant(cache.view(-1, HKV, cache.shape[-1])[slots[keep]],
+                                   sz.view(-1, HKV, 2)[slots[keep]], d)
+        assert testing.rel_err(got, x[keep].double()) < QBOUND[bits]
+    untouched = torch.ones(n_blocks * BS, dtype=torch.bool)
+    untouched[slots[keep]] = False
+    for c, r in zip(caches, ref):
+        assert torch.equal(c.view(n_blocks * BS, -1)[untouched], r.view(n_blocks * BS, -1)[untouched])
+    if DEV is None:
+        return
+    out = [c.to(DEV) for c in caches]
+    kv_cache_write_triton(key.to(DEV), value.to(DEV), *out, slots.to(DEV))
+    for o, r in zip(out[2:], ref[2:]):  # scales and zeros
+        assert torch.allclose(o.cpu(), r, rtol=1e-6, atol=0)
+    for o, r in zip(out[:2], ref[:2]):  # codes: a rounding tie may break the other way
+        nib = (lambda c: torch.stack((c & 15, c >> 4), -1)) if bits == 4 else (lambda c: c)
+        diff = (nib(o.cpu()).int() - nib(r).int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+def _decode_case(bits, d, seq_lens, g, device="cpu"):
+    """A cache of random codes, block tables of shuffled blocks with -1 holes past each end."""
+    b = len(seq_lens)
+    max_blocks = max(-(-n // BS) for n in seq_lens) + 1
+    n_blocks = b * max_blocks + 2
+    caches = _empty_cache(n_blocks, d, bits, g)
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    tables = torch.full((b, max_blocks), -1, dtype=torch.int32)
+    for i, n in enumerate(seq_lens):
+        used = -(-n // BS)
+        tables[i, :used] = perm[i * max_blocks:i * max_blocks + used]
+    q = testing.randn((b, HQ, d), g)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    scale = d ** -0.5
+    want = torch.empty(b, HQ, d, dtype=torch.float64)
+    for i, n in enumerate(seq_lens):
+        t = torch.arange(n)
+        slots = tables[i, t // BS].long() * BS + t % BS
+        k, v = (reference.kv_dequant(c.view(-1, HKV, c.shape[-1])[slots], sz.view(-1, HKV, 2)[slots], d).double()
+                .repeat_interleave(HQ // HKV, dim=1) for c, sz in ((caches[0], caches[2]), (caches[1], caches[3])))
+        p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * scale, -1)
+        want[i] = torch.einsum("hn,nhd->hd", p, v)
+    args = [q, *caches, tables, lens]
+    return [a.to(device) for a in args], scale, want
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("seq_lens", [[1], [17, 3, 100]], ids=["one", "ragged"])
+def test_decode_reference_matches_float64(bits, seq_lens):
+    args, scale, want = _decode_case(bits, 64, seq_lens, testing.gen())
+    assert testing.rel_err(reference.paged_decode_attention(*args, scale), want) < 5e-3
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("seq_lens", [[1], [17, 3, 100]], ids=["one", "ragged"])
+def test_decode_triton_matches_reference(bits, seq_lens, splits):
+    args, scale, want = _decode_case(bits, 64, seq_lens, testing.gen(), DEV)
+    out = paged_decode_attention_triton(*args, scale, splits=splits)
+    assert testing.rel_err(out, reference.paged_decode_attention(*args, scale)) < 1e-2
+    assert testing.rel_err(out, want) < 1e-2  # fp16 query and probabilities in the MMAs
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_cuda_long_context(bits):
+    args, scale, want = _decode_case(bits, 128, [4000, 1, 777, 2048], testing.gen(), "cuda")
+    assert testing.rel_err(paged_decode_attention_triton(*args, scale), want) < 1e-2
