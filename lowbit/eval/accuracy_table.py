@@ -41,15 +41,18 @@ def _variant(base: str, name: str, note: str, **changes):
 
 # what else was tried: each a named recipe with one thing changed, measured beside the table
 VARIANTS = {v.name: v for v in [
-    _variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8),
+    _variant("w8a8", "w8a8-alpha0.5", "SmoothQuant alpha 0.5", alpha=0.5),
     _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
-    _variant("w4a16", "w4a16-actorder", "act-order (static groups)", act_order=True),
     _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
+    _variant("w4a16", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False),
     _variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8)),
-    _variant("w4a4kv4", "w4a4kv8", "an 8-bit KV cache", kv=KVSpec(8)),
-    _variant("w4a4kv4-rot", "w4a4kv4-rot-g128", "g128 weights and activations (QuaRot-128G)",
-             weight=RECIPES["w4a4kv4"].weight.__class__(bits=4, granularity="group"),
-             activation=RECIPES["w4a4kv4"].activation.__class__(bits=4, granularity="group", clip=0.9)),
+    _variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False),
+    _variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False),
+    _variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False),
+    _variant("w4a4kv4-rot", "w4a4kv4-rot-perchannel-no-actorder",
+             "per-channel weights and per-token activations (QuaRot's default), no act-order",
+             weight=RECIPES["w4a16"].weight.__class__(bits=4, granularity="channel"),
+             activation=RECIPES["w4a16"].weight.__class__(bits=4, granularity="channel", clip=0.9), act_order=False),
 ]}
 
 
@@ -63,7 +66,7 @@ def measure(args) -> None:
     files = load_model_files(args.model)
     tokens = dataset_tokens(files.tokenizer)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    ref = build_model(files, torch.float32, args.device) if args.tasks else None
+    ref = build_model(files, torch.float32, args.device) if args.tasks or args.kl else None
     for name in args.recipes or ROWS:
         if (out / f"{name}.json").is_file():
             continue
@@ -77,16 +80,18 @@ def measure(args) -> None:
                    calib=f"{args.calib_samples}x{args.calib_len}" if recipe.calibrated else "-",
                    quantize_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1), device=device_name,
                    date=datetime.date.today().isoformat(), commit=args.commit, model=str(args.model))
+        if args.kl and name in ROWS:
+            res["agreement"] = kl_agreement(model, ref, tokens, args.ctx, KL_WINDOWS, progress=False)
         if args.tasks and name in ROWS:
             t2 = time.time()
             res["tasks"] = evaluate_tasks(model, files.tokenizer, TASKS, args.task_limit, batch_size=32,
                                           progress=False)
-            res["agreement"] = kl_agreement(model, ref, tokens, args.ctx, KL_WINDOWS, progress=False)
             res["tasks_s"] = round(time.time() - t2, 1)
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         avg = res.get("tasks", {}).get("average_acc")
+        kl = res.get("agreement", {}).get("kl_mean")
         print(f"{name:16s} ppl {res['ppl']:8.3f}  quantize {res['quantize_s']:6.1f}s  eval {res['eval_s']:5.1f}s"
-              + ("" if avg is None else f"  avg acc {avg:.4f}  kl {res['agreement']['kl_mean']:.4f}"), flush=True)
+              + ("" if kl is None else f"  kl {kl:.4f}") + ("" if avg is None else f"  avg acc {avg:.4f}"), flush=True)
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -215,7 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=2048)
     p.add_argument("--commit", default="unknown")
-    p.add_argument("--tasks", action="store_true", help="also zero-shot tasks and KL agreement for the table's rows")
+    p.add_argument("--tasks", action="store_true", help="also zero-shot tasks for the table's rows")
+    p.add_argument("--kl", action="store_true", help="also KL / top-1 agreement with the unquantized model")
     p.add_argument("--task-limit", type=int, default=None, help="first N items per task (default: all)")
     p.add_argument("--render", default=None, metavar="DIR", help="render the JSON results in DIR as markdown")
     p.add_argument("--markdown", default=None, metavar="FILE", help="with --render: replace the table in FILE")

@@ -39,7 +39,7 @@ class Recipe:
     kv: KVSpec | None = None
     method: str = "rtn"  # how weights are rounded: "rtn" (with clip search) or "gptq"
     clip_search: bool = False  # search each group's clipping ratio (RTN: output MSE; GPTQ: weight MSE at fit)
-    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
+    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
     smoothing: str | None = None  # "smoothquant" (alpha) or "awq" (searched scales)
     alpha: float = 0.5
     progressive: bool = False  # QServe: int8 per channel, then uint4 groups with integer scales
@@ -105,11 +105,11 @@ def _w(bits, granularity="group", symmetric=True, clip=1.0, dtype="int"):
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("bf16", "no quantization: the model in its own precision"),
-    Recipe("w8a8", "SmoothQuant: int8 per-channel weights, int8 per-token activations, alpha 0.5",
-           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5),
+    Recipe("w8a8", "SmoothQuant: int8 per-channel weights, int8 per-token activations, alpha 0.8",
+           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.8),
     Recipe("fp8", "fp8 e4m3 per-channel weights and per-token activations",
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
-    Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, clip search at each group's fit, 16-bit activations",
+    Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, act-order (static groups), clip search, 16-bit activations",
            weight=_w(4, symmetric=False), method="gptq", clip_search=True),
     Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales, clip search), int8 per-token "
            "activations, SmoothAttention, 4-bit KV cache",
@@ -118,10 +118,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("w4a4kv4", "Atom: 128 int8 outlier channels, int4 g128 weights (GPTQ, clip 0.85) and "
            "activations (clip 0.9), 4-bit KV cache",
            weight=_w(4, clip=0.85), activation=_w(4, clip=0.9), kv=KVSpec(4), method="gptq", outliers=128),
-    Recipe("w4a4kv4-rot", "QuaRot: Hadamard-rotated residual stream and down_proj input, GPTQ int4 "
-           "per-channel weights, int4 per-token activations (clip 0.9), 4-bit KV cache with rotated keys",
-           weight=_w(4, "channel"), activation=_w(4, "channel", clip=0.9), kv=KVSpec(4), method="gptq",
-           rotate=True, rotate_kv=True),
+    Recipe("w4a4kv4-rot", "QuaRot-128G: Hadamard-rotated residual stream and down_proj input, GPTQ int4 "
+           "g128 weights, int4 g128 activations (clip 0.9), 4-bit KV cache with rotated keys",
+           weight=_w(4), activation=_w(4, clip=0.9), kv=KVSpec(4), method="gptq", rotate=True, rotate_kv=True),
 ]}
 
 
