@@ -54,10 +54,14 @@ class Recipe:
             raise LowbitError(f"recipe {self.name}: method must be one of {', '.join(METHODS)}")
         if self.smoothing not in SMOOTHING:
             raise LowbitError(f"recipe {self.name}: smoothing must be smoothquant, awq or none")
+        if self.weight is None and (self.activation is not None or self.calibrated):
+            raise LowbitError(f"recipe {self.name}: activation quantization and calibrated methods need quantized weights")
         if self.outliers < 0:
             raise LowbitError(f"recipe {self.name}: outliers must be >= 0")
         if self.progressive and (self.weight is None or self.weight.bits != 4 or self.weight.granularity != "group"):
             raise LowbitError(f"recipe {self.name}: progressive needs 4-bit group weights")
+        if self.progressive and (self.clip_search or self.method != "rtn"):
+            raise LowbitError(f"recipe {self.name}: progressive weights are rounded to nearest, without clip search")
 
     @property
     def calibrated(self) -> bool:
@@ -111,10 +115,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
     Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, act-order (static groups), clip search, 16-bit activations",
            weight=_w(4, symmetric=False), method="gptq", clip_search=True),
-    Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales, clip search), int8 per-token "
-           "activations, SmoothAttention, 4-bit KV cache",
+    Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales), int8 per-token activations, "
+           "SmoothAttention, 4-bit KV cache",
            weight=_w(4, symmetric=False), activation=_w(8, "channel"), kv=KVSpec(4), progressive=True,
-           smoothing="awq", clip_search=True, smooth_attention=True),
+           smoothing="awq", smooth_attention=True),
     Recipe("w4a4kv4", "Atom: 128 int8 outlier channels, int4 g128 weights (GPTQ, clip 0.85) and "
            "activations (clip 0.9), 4-bit KV cache",
            weight=_w(4, clip=0.85), activation=_w(4, clip=0.9), kv=KVSpec(4), method="gptq", outliers=128),
