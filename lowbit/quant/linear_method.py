@@ -25,6 +25,7 @@ class QuantLinearMethod:
     activation: QuantSpec | None = None
     act_outliers: int = 0  # the last k input channels (after input_perm) quantized as OUTLIER_ACT
     input_perm: torch.Tensor | None = None  # gathered from the input at run time (fused upstream in kernels)
+    kernel: object | None = None  # the weight in a kernel's layout (`prepare_kernel`), used when set
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(self.weight, ProgressiveWeight):
@@ -42,16 +43,74 @@ class QuantLinearMethod:
         return torch.cat([fake_quantize(x[..., :-k], self.activation), fake_quantize(x[..., -k:], OUTLIER_ACT)], -1)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self._apply_kernel(layer, x)
         return F.linear(self.quantize_input(x), layer.weight, layer.bias)
 
+    def kernel_format(self) -> str | None:
+        """Which GEMM kernel computes this layer's function exactly, if any: "w4a8" (QServe progressive
+        weights x int8 per token), "w8a8" (int8 x int8 or fp8 x fp8, per channel x per token)."""
+        act = self.activation
+        if act is None or act.granularity != "channel" or not act.symmetric or act.clip != 1.0 or act.bits != 8:
+            return None
+        if self.act_outliers or self.input_perm is not None:
+            return None
+        if isinstance(self.weight, ProgressiveWeight):
+            return "w4a8" if act.dtype == "int" and self.weight.group_size == 128 else None
+        if len(self.weight) == 1:
+            spec = self.weight[0][2].spec
+            if spec.bits == 8 and spec.granularity == "channel" and spec.symmetric and spec.dtype == act.dtype:
+                return "w8a8"
+        return None
+
+    def prepare_kernel(self) -> bool:
+        """Put the weight in its kernel's layout (once, at load); False when no kernel computes this format."""
+        from lowbit.kernels.w4a8 import prepare_w4a8
+        from lowbit.kernels.w8a8 import prepare_w8a8
+
+        fmt = self.kernel_format()
+        if fmt == "w4a8":
+            pw = self.weight
+            self.kernel = prepare_w4a8(pw.codes4, pw.shape[1], pw.s1, pw.s2, pw.z2, pw.group_size)
+        elif fmt == "w8a8":
+            qt = self.weight[0][2]
+            self.kernel = prepare_w8a8(qt.codes, qt.scale)
+        return fmt is not None
+
+    def _apply_kernel(self, layer, x: torch.Tensor) -> torch.Tensor:
+        from lowbit.kernels.actquant import quant_per_token
+        from lowbit.kernels.w4a8 import W4A8Weight, w4a8_gemm
+        from lowbit.kernels.w8a8 import w8a8_gemm
+
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        fp8 = self.activation.dtype == "fp8"
+        x_q, x_s = quant_per_token(x2, torch.float8_e4m3fn if fp8 else torch.int8)
+        gemm = w4a8_gemm if isinstance(self.kernel, W4A8Weight) else w8a8_gemm
+        y = gemm(x_q, x_s, self.kernel).to(x.dtype)
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.view(*shape[:-1], -1)
+
     def to(self, device) -> "QuantLinearMethod":
+        """Move what the forward reads to `device` (the codes too, so kernels can be prepared there)."""
         if self.input_perm is not None:
             self.input_perm = self.input_perm.to(device)
+        if isinstance(self.weight, ProgressiveWeight):
+            for name in ("codes4", "s1", "s2", "z2"):
+                setattr(self.weight, name, getattr(self.weight, name).to(device))
+        else:
+            for _, _, qt in self.weight:
+                qt.codes, qt.scale = qt.codes.to(device), qt.scale.to(device)
+                qt.zero = None if qt.zero is None else qt.zero.to(device)
         return self
 
 
 def install(layer, method: QuantLinearMethod) -> None:
-    """Make `layer` quantized: its weight becomes the dequantized stored weight."""
+    """Make `layer` quantized: its weight becomes the dequantized stored weight, and on CUDA the
+    layer runs on its Triton kernel where one computes its format."""
     w = method.dequantized_weight(layer.weight.dtype).to(layer.weight.device)
     layer.weight = torch.nn.Parameter(w, requires_grad=False)
     layer.quant_method = method.to(layer.weight.device)
+    if layer.weight.is_cuda:
+        method.prepare_kernel()

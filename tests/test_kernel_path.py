@@ -1,0 +1,59 @@
+"""A quantized Linear computes the same function through its kernel as through the reference path.
+
+On the CPU the kernels' dispatch runs their torch references (same layouts, same signatures), so
+this holds the model-level plumbing (layout preparation, activation quantization, epilogue) to the
+fake-quantized reference; on a GPU the same test runs the Triton kernels.
+"""
+import pytest
+import torch
+
+from lowbit.layers.linear import Linear
+from lowbit.quant.formats import QuantSpec
+from lowbit.quant.linear_method import QuantLinearMethod, install
+from lowbit.quant.progressive import quantize_progressive
+from lowbit.quant.quantize import OUTLIER_WEIGHT
+from lowbit.quant.formats import quantize
+
+INT8_TOKEN = QuantSpec(bits=8, granularity="channel")
+FP8 = QuantSpec(bits=8, dtype="fp8", granularity="channel")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_layer(k, n, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    lin = Linear(k, n, bias=bias)
+    lin.weight.data = torch.randn(n, k, generator=g) * 0.05
+    if bias:
+        lin.bias.data = torch.randn(n, generator=g)
+    return lin.to(DEVICE)
+
+
+def method_for(fmt, w):
+    if fmt == "w4a8":
+        return QuantLinearMethod(quantize_progressive(w.float().cpu()), INT8_TOKEN)
+    spec = OUTLIER_WEIGHT if fmt == "w8a8-int8" else FP8
+    return QuantLinearMethod([(0, w.shape[1], quantize(w.float().cpu(), spec))], INT8_TOKEN if fmt == "w8a8-int8" else FP8)
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("m,k,bias", [(1, 576, False), (3, 256, True), (17, 640, False)])
+def test_kernel_path_matches_the_reference_path(fmt, m, k, bias):
+    seed = torch.seed() % 2**31
+    lin = make_layer(k, 192, bias, seed)
+    method = method_for(fmt, lin.weight.data)
+    install(lin, method)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    method.kernel = None
+    ref = lin(x).double()
+    assert method.prepare_kernel() and method.kernel is not None
+    got = lin(x).double()
+    # the kernel returns bf16: its rounding is the bound (the reference path is fp32)
+    assert ((got - ref).norm() / ref.norm()).item() < 8e-3, f"seed {seed}"
+
+
+def test_formats_without_a_kernel_keep_the_reference_path():
+    lin = make_layer(256, 64, False, 0)
+    method = QuantLinearMethod([(0, 256, quantize(lin.weight.data.cpu(), QuantSpec(bits=8)))],
+                               QuantSpec(bits=8, granularity="channel", clip=0.9))
+    install(lin, method)
+    assert method.kernel_format() is None and not method.prepare_kernel()
