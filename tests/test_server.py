@@ -201,6 +201,7 @@ BAD = [  # (endpoint, body, status); a str body is sent as raw bytes
     ("completions", '{"prompt": "x",', 400),
     ("completions", {"prompt": [5] * 300}, 400),  # longer than the 256-token context
     ("completions", {"prompt": [5] * 300, "stream": True}, 400),
+    ("completions", {"prompt": [5] * 200, "max_tokens": 100}, 400),  # fits alone, not with its output
     ("completions", {"prompt": "x", "max_tokens": 0}, 400),
     ("completions", {"prompt": "x", "max_tokens": -3}, 400),
     ("completions", {"prompt": "x", "stop": [f"s{i}" for i in range(17)]}, 400),

@@ -365,6 +365,22 @@ class _Handler:
         yield "data: [DONE]\n\n"
 
 
+def _fit_context(tokenizer, prompts: list, params: SamplingParams, context: int) -> list[list[int]]:
+    """Token ids of each prompt; like OpenAI and vLLM, refuse a request whose prompt plus
+    max_tokens does not fit the context (rather than cutting its output short)."""
+    out = []
+    for p in prompts:
+        ids = tokenizer.encode(p, add_special_tokens=False) if isinstance(p, str) else list(p)
+        want = len(ids) + (params.max_tokens or 0)
+        if len(ids) >= context or want > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{want} tokens ({len(ids)} in the prompt, {params.max_tokens or 0} for the "
+                                f"completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                           code="context_length_exceeded")
+        out.append(ids)
+    return out
+
+
 def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> list[int]:
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
@@ -416,6 +432,7 @@ def build_app(engine: AsyncLLMEngine, model_name: str, tokenizer, api_key: str |
         app.add_exception_handler(exc, _error_response)
     registry = _metrics(engine, model_name)
     max_model_len = max_model_len or engine.engine.cfg.max_model_len
+    context = engine.engine.cfg.max_model_len
     completions, chat = _CompletionFormat(tokenizer), _ChatFormat(tokenizer)
 
     async def check_key(request: Request) -> None:
@@ -440,7 +457,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, tokenizer, api_key: str |
     async def create_completion(req: CompletionRequest, request: Request) -> Response:
         check_model(req)
         params = req.sampling_params(req.max_tokens, req.logprobs)
-        return await _Handler(engine, completions, model_name, req, req.prompts(), params).respond(request)
+        prompts = _fit_context(tokenizer, req.prompts(), params, context)
+        return await _Handler(engine, completions, model_name, req, prompts, params).respond(request)
 
     @v1.post("/chat/completions")
     async def create_chat_completion(req: ChatCompletionRequest, request: Request) -> Response:
@@ -449,8 +467,8 @@ def build_app(engine: AsyncLLMEngine, model_name: str, tokenizer, api_key: str |
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = req.sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        prompt = _chat_prompt(tokenizer, req.messages)
-        return await _Handler(engine, chat, model_name, req, [prompt], params).respond(request)
+        prompts = _fit_context(tokenizer, [_chat_prompt(tokenizer, req.messages)], params, context)
+        return await _Handler(engine, chat, model_name, req, prompts, params).respond(request)
 
     app.include_router(v1)
 
