@@ -117,6 +117,7 @@ class EngineConfig:
     max_model_len: int = 4096
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

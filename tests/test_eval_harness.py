@@ -86,6 +86,37 @@ def test_greedy_flag_and_left_truncation(tiny):
         loglikelihood_tokens(model, [([1], [5])], batch_size=0, progress=False)
 
 
+def test_packed_batches_equal_one_request_at_a_time(tiny):
+    """Inputs of very different lengths packed into flat batches (one longer than the token budget, several
+    sharing one) score as each request's own unpadded forward does."""
+    model, _, _ = tiny
+    gen = torch.Generator().manual_seed(2)
+    tokens = lambda n: torch.randint(3, 49152, (n,), generator=gen).tolist()  # noqa: E731
+    max_len = model.config.max_position_embeddings  # 256
+
+    def alone(ctx, cont):
+        whole = (ctx + cont)[-(max_len + 1):]
+        with torch.no_grad():
+            logits = model.logits_for_batch(torch.tensor([whole[:-1]]))[0, -len(cont):]
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp[range(len(cont)), cont].sum().item(), logp.argmax(-1).tolist() == cont
+
+    ctx = tokens(90)
+    greedy = []
+    for _ in range(4):  # the model's own greedy continuation, so that one flag is true
+        with torch.no_grad():
+            greedy.append(model.logits_for_batch(torch.tensor([ctx + greedy]))[0, -1].argmax().item())
+    long_ctx = tokens(250)
+    requests = [(tokens(1), tokens(1)), (tokens(3), tokens(40)), (long_ctx, tokens(1)), (long_ctx, tokens(1)),
+                (tokens(300), tokens(5)), (ctx, greedy), (tokens(17), tokens(2)), (tokens(120), tokens(9))]
+    got = loglikelihood_tokens(model, requests, progress=False, max_tokens_per_batch=200)
+    want = [alone(*r) for r in requests]
+    assert [g for _, g in got] == [g for _, g in want] and got[5][1]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    with pytest.raises(LowbitError, match="max_tokens_per_batch"):
+        loglikelihood_tokens(model, requests, max_tokens_per_batch=0, progress=False)
+
+
 def test_acc_and_acc_norm_choose_differently(tiny):
     model, tok, _ = tiny
     context, choices = "Question: Pick one.\nAnswer:", ["x", "internationalization"]

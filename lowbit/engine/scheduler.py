@@ -4,6 +4,10 @@ Every scheduled sequence contributes a run of its not-yet-cached tokens (one for
 chunk of the prompt for a prefill), so the model runner sees one uniform kind of work. When the
 cache runs out of blocks, the youngest running sequence is preempted: its blocks are freed and
 it is recomputed from its tokens later (recompute preemption).
+
+With prefix caching, a sequence's full blocks are published once computed (at the next schedule,
+after the step that filled them, or when it finishes), and a sequence leaving the waiting queue
+starts on the cached blocks of its prompt's leading full blocks, so its budget covers only the rest.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -42,6 +47,9 @@ class Scheduler:
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.cfg.max_num_batched_tokens
         out: list[ScheduledSeq] = []
+        if self.cfg.enable_prefix_caching:
+            for seq in self.running:
+                self.blocks.publish(seq)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -58,11 +66,14 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            cached = self.blocks.reuse_prefix(seq) if self.cfg.enable_prefix_caching else 0
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, n):
+            if not self.blocks.can_grow(seq, cached + n):
+                self.blocks.release(seq)  # gives back the reused blocks
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, n)
+            self.blocks.grow(seq, cached + n)
+            self.num_cached_tokens += cached
             seq.status = Status.RUNNING
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
@@ -82,4 +93,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if self.cfg.enable_prefix_caching:
+            self.blocks.publish(seq)
         self.blocks.release(seq)

@@ -31,6 +31,7 @@ class Sequence:
     finish_reason: str | None = None
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # of the leading blocks published or reused
     num_preemptions: int = 0
     generator: object = None  # the per-request torch.Generator, made on first use
 

@@ -41,7 +41,7 @@ def _variant(base: str, name: str, note: str, **changes):
 
 # what else was tried: each a named recipe with one thing changed, measured beside the table
 VARIANTS = {v.name: v for v in [
-    _variant("w8a8", "w8a8-alpha0.5", "SmoothQuant alpha 0.5", alpha=0.5),
+    _variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8),
     _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
     _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
     _variant("w4a16", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False),

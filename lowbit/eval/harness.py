@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 from lowbit.eval.tasks import LOGLIKELIHOOD, Task, load_task
+from lowbit.layers.context import AttentionContext
 
 
 def prefix_token_id(tokenizer) -> int:
@@ -40,17 +41,37 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, encode(context + continuation)[len(ctx):]
 
 
+def _packs(inputs: list[tuple[int, ...]], max_tokens: int):
+    """Consecutive runs of `inputs` holding at most `max_tokens` tokens in all (a longer input runs alone)."""
+    batch, used = [], 0
+    for inp in inputs:
+        if batch and used + len(inp) > max_tokens:
+            yield batch
+            batch, used = [], 0
+        batch.append(inp)
+        used += len(inp)
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
 def loglikelihood_tokens(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 8,
-                         progress: bool = True) -> list[tuple[float, bool]]:
+                         progress: bool = True, max_tokens_per_batch: int = 16384) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), is the continuation the greedy one) per token pair.
 
     Sequences longer than the model's context lose tokens on the left. Requests that feed the model
     the same tokens (e.g. one-token answers to one question) share one forward; the rest run longest
-    first in right-padded batches through `model.logits_for_batch`.
+    first, packed without padding into flat batches of at most `max_tokens_per_batch` tokens. Only the
+    continuations' positions get logits (full-vocabulary logits at every padded position took most of
+    the time before), and each batch comes back to the host in one transfer.
+
+    `batch_size` (sequences per padded batch, before packing) no longer bounds a batch; it is kept,
+    and checked, so that callers passing it positionally (the CLI, the lm-eval adapter) still work.
     """
     if batch_size < 1:
         raise LowbitError(f"batch_size must be at least 1, got {batch_size}")
+    if max_tokens_per_batch < 1:
+        raise LowbitError(f"max_tokens_per_batch must be at least 1, got {max_tokens_per_batch}")
     max_len = model.config.max_position_embeddings
     by_input: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(requests):
@@ -64,19 +85,30 @@ def loglikelihood_tokens(model, requests: list[tuple[list[int], list[int]]], bat
     device = next(model.parameters()).device
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     bar = tqdm(total=len(requests), desc="loglikelihood", disable=not progress)
-    for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start: start + batch_size]
-        batch = torch.zeros(len(chunk), len(chunk[0]), dtype=torch.long)  # padding: any id, never read
-        for row, inp in enumerate(chunk):
-            batch[row, : len(inp)] = torch.tensor(inp)
-        logits = model.logits_for_batch(batch.to(device))
-        for row, inp in enumerate(chunk):
+    for batch in _packs(inputs, max_tokens_per_batch):
+        ids = [t for inp in batch for t in inp]
+        positions = [p for inp in batch for p in range(len(inp))]
+        hidden = model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                       AttentionContext.cacheless([len(inp) for inp in batch], device))
+        # owners: the requests scored here; rows, targets: their continuation tokens' places in `hidden`, ids
+        owners, rows, targets, end = [], [], [], 0
+        for inp in batch:
+            end += len(inp)
             for i in by_input[inp]:
-                cont = torch.tensor(requests[i][1], device=device)
-                logprobs = torch.log_softmax(logits[row, len(inp) - len(cont): len(inp)].float(), dim=-1)
-                total = logprobs.gather(-1, cont[:, None]).double().sum().item()
-                results[i] = (total, bool((logprobs.argmax(-1) == cont).all()))
-            bar.update(len(by_input[inp]))
+                cont = requests[i][1]
+                rows.extend(range(end - len(cont), end))
+                targets.extend(cont)
+                owners.append(i)
+        seg = torch.repeat_interleave(torch.tensor([len(requests[i][1]) for i in owners], device=device))
+        targets = torch.tensor(targets, device=device)
+        logprobs = torch.log_softmax(model.compute_logits(hidden[torch.tensor(rows, device=device)]), dim=-1)
+        totals = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
+            0, seg, logprobs.gather(-1, targets[:, None])[:, 0].double())
+        misses = torch.zeros(len(owners), dtype=torch.float64, device=device).index_add_(
+            0, seg, (logprobs.argmax(-1) != targets).double())
+        for i, (total, miss) in zip(owners, torch.stack([totals, misses], dim=1).tolist()):
+            results[i] = (total, miss == 0)
+        bar.update(len(owners))
     bar.close()
     return results
 

@@ -109,8 +109,8 @@ def _w(bits, granularity="group", symmetric=True, clip=1.0, dtype="int"):
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("bf16", "no quantization: the model in its own precision"),
-    Recipe("w8a8", "SmoothQuant: int8 per-channel weights, int8 per-token activations, alpha 0.8",
-           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.8),
+    Recipe("w8a8", "SmoothQuant: int8 per-channel weights, int8 per-token activations, alpha 0.5",
+           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5),
     Recipe("fp8", "fp8 e4m3 per-channel weights and per-token activations",
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
     Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, act-order (static groups), clip search, 16-bit activations",
