@@ -36,7 +36,8 @@ def register(sub) -> dict:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N items of each task")
     p.add_argument("--kl", action="store_true", help="KL divergence and top-1 agreement against --kl-ref")
     p.add_argument("--kl-ref", default=None, metavar="M", help="reference model for --kl (default: --model unquantized)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows per forward pass for --ppl and --kl (default: 8); tasks pack ~16k tokens per pass")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return {"eval": cmd_eval}
 
