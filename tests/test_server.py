@@ -291,6 +291,16 @@ def test_metrics_move(client, http, ref):
     assert after["lowbit:kv_cache_usage_perc"] == 0
 
 
+def test_prefix_cache_hits_are_counted(server, client, http):
+    prompt = " ".join(f"word{i}" for i in range(40))
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    before = scrape(http)["lowbit:prefix_cache_hit_tokens_total"]
+    client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **GREEDY)
+    n = len(server.llm.tokenizer.encode(prompt, add_special_tokens=False))
+    bs = server.llm.engine.cfg.block_size
+    assert scrape(http)["lowbit:prefix_cache_hit_tokens_total"] - before == (n - 1) // bs * bs > 0
+
+
 def test_bench_throughput(tiny_dir, tmp_path, capsys):
     out = tmp_path / "tp.json"
     assert main(["bench", "throughput", "--model", str(tiny_dir("smollm2")), "--device", "cpu", "--num-prompts", "4",

@@ -411,8 +411,13 @@ def _metrics(engine: AsyncLLMEngine, model_name: str) -> CollectorRegistry:
     tpot = labelled(Histogram, "lowbit:time_per_output_token_seconds",
                     "Per request: time per output token after the first.", buckets=TOKEN_BUCKETS)
     e2e = labelled(Histogram, "lowbit:e2e_request_latency_seconds", "Arrival to last token.", buckets=LATENCY_BUCKETS)
+    cached = labelled(Counter, "lowbit:prefix_cache_hit_tokens", "Prompt tokens whose KV came from the prefix cache.")
+    scheduler = engine.engine.scheduler
+    seen = [scheduler.num_cached_tokens]
 
-    def record(stats: StepStats) -> None:
+    def record(stats: StepStats) -> None:  # runs in the engine thread, after each step
+        cached.inc(scheduler.num_cached_tokens - seen[0])
+        seen[0] = scheduler.num_cached_tokens
         prompt.inc(stats.prompt_tokens)
         generation.inc(stats.generation_tokens)
         for hist, values in ((ttft, stats.ttft), (tpot, stats.tpot), (e2e, stats.e2e)):
