@@ -9,6 +9,7 @@ from lowbit.engine.llm_engine import LLMEngine
 from lowbit.engine.outputs import RequestOutput
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load_model
+from lowbit.quant.recipes import get_recipe
 from lowbit.sampling_params import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,16 +34,28 @@ class LLM:
 
     def __init__(self, model: str | None = None, device: str | None = None, dtype: str | None = None,
                  max_model_len: int | None = None, recipe: str | None = None, calib: str | None = None,
-                 calib_samples: int = 128, calib_len: int = 2048, **engine_kwargs):
-        """`recipe` quantizes an unquantized model in memory first (calibrating on `calib` text)."""
+                 calib_samples: int = 128, calib_len: int = 2048, random_weights: str | None = None,
+                 **engine_kwargs):
+        """`recipe` quantizes an unquantized model in memory first (calibrating on `calib` text).
+        `random_weights` (an architecture of `lowbit.models.random_weights.ARCHS`, instead of `model`)
+        builds a model at real shapes with random weights, for throughput; with it, `recipe` applies
+        only its formats (round-to-nearest, no calibration)."""
         device = resolve_device(device)
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         if dtype not in DTYPES:
             raise LowbitError(f"unknown dtype {dtype!r} (use {', '.join(DTYPES)})")
-        module, self.tokenizer, self.model_config = load_model(model, DTYPES[dtype], device)
-        if recipe is not None:
+        if random_weights is not None:
+            from lowbit.models.random_weights import load_random_model
+
+            if model is not None:
+                raise LowbitError(f"give a model or random weights, not both (model {model!r}, "
+                                  f"random weights {random_weights!r})")
+            module, self.tokenizer, self.model_config = load_random_model(
+                random_weights, DTYPES[dtype], device, None if recipe is None else get_recipe(recipe))
+        else:
+            module, self.tokenizer, self.model_config = load_model(model, DTYPES[dtype], device)
+        if recipe is not None and random_weights is None:
             from lowbit.quant.quantize import quantize_loaded
-            from lowbit.quant.recipes import get_recipe
 
             if any(m.quant_method is not None for m in module.modules() if hasattr(m, "quant_method")):
                 raise LowbitError(f"{model} is already quantized; --recipe applies to unquantized models")

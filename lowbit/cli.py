@@ -22,11 +22,21 @@ a lowbit quantized checkpoint, or the built-in {DEFAULT_MODEL} (the default)."""
 COMMAND_MODULES = ["lowbit.quant.cli", "lowbit.eval.cli", "lowbit.server.cli", "lowbit.bench.cli"]
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="M", help=f"model to load (default: {DEFAULT_MODEL})")
+def model_args(p: argparse.ArgumentParser, random_weights: bool = True) -> None:
+    """--model/--device/--dtype, and (for bench and serve) --random-weights/--arch."""
+    from lowbit.models.random_weights import ARCHS
+
+    p.add_argument("--model", default=None, metavar="M", help=f"model to load (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    if not random_weights:
+        return
+    p.add_argument("--random-weights", action="store_true",
+                   help="no checkpoint: random weights at the shapes of --arch, for throughput; --recipe then "
+                        "applies its formats only (round-to-nearest, no calibration: calibrating random weights "
+                        "is meaningless); the tokenizer is the built-in model's")
+    p.add_argument("--arch", default=None, metavar="A", help=f"shapes for --random-weights: {', '.join(ARCHS)}")
 
 
 def sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -52,14 +62,19 @@ def engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_llm(args):
-    """The `LLM` that the model and engine options describe."""
+    """The `LLM` that the model and engine options describe. Sets `args.model` when it was not given
+    (the served model's name): the default model, or `random-<arch>`."""
     from lowbit.api import LLM
 
+    if args.random_weights != (args.arch is not None):
+        raise LowbitError("--random-weights and --arch go together")
     engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization")
               if getattr(args, k) is not None}
-    return LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
-               **engine)
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+              recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
+              random_weights=args.arch, **engine)
+    args.model = args.model or (f"random-{args.arch}" if args.random_weights else DEFAULT_MODEL)
+    return llm
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
@@ -69,13 +84,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
     gen = sub.add_parser("generate", help="complete prompts (or answer them as chat messages with --chat)",
                          epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_args(gen)
+    model_args(gen, random_weights=False)
     sampling_args(gen, 128)
     gen.add_argument("--chat", action="store_true", help="treat each prompt as a user message (chat template)")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
 
     chat = sub.add_parser("chat", help="talk with the model interactively (empty line or Ctrl-D to quit)")
-    model_args(chat)
+    model_args(chat, random_weights=False)
     sampling_args(chat, 512)
     chat.add_argument("--system", default=None, help="a system message to start the conversation")
     commands = {"generate": cmd_generate, "chat": cmd_chat}

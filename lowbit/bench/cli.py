@@ -8,11 +8,11 @@ import math
 import os
 from pathlib import Path
 
-from lowbit.cli import model_args
-from lowbit.cli import engine_args, load_llm
+from lowbit.cli import engine_args, load_llm, model_args
 
 EPILOG = """examples:
   lowbit bench throughput --num-prompts 200 --input-len 128 --output-len 128
+  lowbit bench throughput --random-weights --arch llama3-8b --recipe w4a8kv4   # no checkpoint needed
   lowbit serve &    # then, in another shell:
   lowbit bench serve --num-prompts 200 --request-rate 4 --output-json serve.json
   lowbit bench serve --num-prompts 200 --max-concurrency 16"""

@@ -107,10 +107,14 @@ class QuantLinearMethod:
 
 
 def install(layer, method: QuantLinearMethod) -> None:
-    """Make `layer` quantized: its weight becomes the dequantized stored weight, and on CUDA the
-    layer runs on its Triton kernel where one computes its format."""
+    """Make `layer` quantized: its weight becomes the dequantized stored weight (the reference path).
+
+    A 16-bit model on CUDA runs the layer on its Triton kernel where one computes its format (the
+    kernels return bf16; an fp32 model keeps the exact reference path, e.g. for accuracy tables),
+    and then keeps no dequantized copy: the packed codes are all it holds.
+    """
     w = method.dequantized_weight(layer.weight.dtype).to(layer.weight.device)
     layer.weight = torch.nn.Parameter(w, requires_grad=False)
     layer.quant_method = method.to(layer.weight.device)
-    if layer.weight.is_cuda:
-        method.prepare_kernel()
+    if w.is_cuda and w.dtype != torch.float32 and method.prepare_kernel():
+        layer.weight = torch.nn.Parameter(w.new_empty(0), requires_grad=False)
