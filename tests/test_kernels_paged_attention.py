@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
 from lowbit.kernels import reference, testing  # noqa: E402
 from lowbit.kernels.paged_attention import (kv_cache_write_triton,  # noqa: E402
                                             paged_decode_attention_triton)
+from lowbit.quant.kv import kv_roundtrip  # noqa: E402
+from lowbit.quant.recipes import KVSpec  # noqa: E402
 
 DEV = testing.triton_device()
 BS, HKV, HQ = 16, 2, 8
@@ -26,10 +28,13 @@ def _empty_cache(n_blocks, d, bits, g):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("d", [64, 128])
-def test_cache_write(bits, d):
+@pytest.mark.parametrize("sign", [0, 1, -1])  # mixed signs, all positive, all negative rows
+def test_cache_write(bits, d, sign):
     g = testing.gen()
     t, n_blocks = 21, 4
     key, value = testing.randn((t, HKV, d), g), testing.randn((t, HKV, d), g)
+    if sign:  # one-signed rows: the quantization range must still hold 0 (quant/kv.py's contract)
+        key, value = sign * (key.abs() + 0.5), sign * (value.abs() + 0.5)
     slots = torch.randperm(n_blocks * BS, generator=g)[:t].to(torch.int64)
     slots[[3, 11]] = -1
     caches = _empty_cache(n_blocks, d, bits, g)
@@ -40,6 +45,7 @@ def test_cache_write(bits, d):
         got = reference.kv_dequant(cache.view(-1, HKV, cache.shape[-1])[slots[keep]],
                                    sz.view(-1, HKV, 2)[slots[keep]], d)
         assert testing.rel_err(got, x[keep].double()) < QBOUND[bits]
+        assert torch.equal(got, kv_roundtrip(x[keep].float(), KVSpec(bits)))  # the model's KV format
     untouched = torch.ones(n_blocks * BS, dtype=torch.bool)
     untouched[slots[keep]] = False
     for c, r in zip(caches, ref):

@@ -129,14 +129,14 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, stride_t, stride_h, HKV
     if BITS == 8:
         offs_d = tl.arange(0, D)
         x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        c, s, z = _quant_asym(x, tl.min(x, 1)[:, None], tl.max(x, 1)[:, None], 255.0)
+        c, s, z = _quant_asym(x, tl.minimum(tl.min(x, 1), 0.0)[:, None], tl.maximum(tl.max(x, 1), 0.0)[:, None], 255.0)
         tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], c, mask=ok)
     else:
         offs_d = tl.arange(0, D // 2)
         x0 = tl.load(rows + 2 * offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         x1 = tl.load(rows + 2 * offs_d[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
-        lo = tl.minimum(tl.min(x0, 1), tl.min(x1, 1))[:, None]
-        hi = tl.maximum(tl.max(x0, 1), tl.max(x1, 1))[:, None]
+        lo = tl.minimum(tl.minimum(tl.min(x0, 1), tl.min(x1, 1)), 0.0)[:, None]  # the range holds 0, as in quant/kv.py
+        hi = tl.maximum(tl.maximum(tl.max(x0, 1), tl.max(x1, 1)), 0.0)[:, None]
         c0, s, z = _quant_asym(x0, lo, hi, 15.0)
         c1, _, _ = _quant_asym(x1, lo, hi, 15.0)
         tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], c0 | (c1 << 4), mask=ok)

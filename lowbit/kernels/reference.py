@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.common import KBLOCK, unpack_halves
-from lowbit.quant.formats import pack_int4, unpack_int4
+from lowbit.quant.formats import unpack_int4
+from lowbit.quant.kv import quantize_kv
 
 
 def _per_group(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
@@ -82,27 +83,15 @@ def quant_per_token(x, out_dtype=torch.int8):
     return _quantize_rows(y, y.abs().amax(-1), out_dtype)
 
 
-def _quant_asym(x: torch.Tensor, bits: int):
-    """Per-row asymmetric codes of x `[..., D]` (fp32): (uint8 codes, scale, zero)."""
-    qmax = float(2 ** bits - 1)
-    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    s = torch.where(hi > lo, (hi - lo) / qmax, torch.ones_like(hi))
-    z = torch.round((-lo / s).clamp(-2 * qmax, 2 * qmax)).clamp(0, qmax)
-    q = (torch.round((x / s).clamp(-2 * qmax, 2 * qmax)) + z).clamp(0, qmax).to(torch.uint8)
-    return q, s.squeeze(-1), z.squeeze(-1)
-
-
 def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping) -> None:
     d = key.shape[-1]
     bits = 4 if k_cache.shape[-1] * 2 == d else 8
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
-        q, s, z = _quant_asym(x[keep].float(), bits)
-        if bits == 4:
-            q = pack_int4(q)
+        q, s, z = quantize_kv(x[keep].float(), bits)  # the numerics contract: quant/kv.py
         cache.view(-1, *cache.shape[2:])[slots] = q
-        sz.view(-1, *sz.shape[2:])[slots] = torch.stack((s, z), dim=-1)
+        sz.view(-1, *sz.shape[2:])[slots] = torch.stack((s, z.float()), dim=-1)
 
 
 def kv_dequant(cache: torch.Tensor, sz: torch.Tensor, head_dim: int) -> torch.Tensor:
