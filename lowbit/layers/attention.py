@@ -31,6 +31,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return out.transpose(0, 1)
 
 
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
+                            scale: float) -> torch.Tensor:
+    """Cache-less attention of sequences that each attend causally to themselves (perplexity,
+    calibration, scoring): one SDPA call over the sequences padded on the right to the longest.
+    Under a causal mask a real query never sees the padding after it, so no other mask is needed."""
+    lens = torch.tensor([cu[i + 1] - cu[i] for i in range(len(cu) - 1)], device=q.device)
+    n = int(lens.max())
+    real = torch.arange(n, device=q.device)[None, :] < lens[:, None]  # [B, n], row-major = flat order
+
+    def pad(x):
+        out = x.new_zeros(len(lens), n, *x.shape[1:])
+        out[real] = x
+        return out.transpose(1, 2)  # [B, H, n, D]
+
+    qp, kp, vp = pad(q), pad(k), pad(v)
+    if qp.shape[1] != kp.shape[1]:
+        kp = kp.repeat_interleave(qp.shape[1] // kp.shape[1], dim=1)
+        vp = vp.repeat_interleave(qp.shape[1] // vp.shape[1], dim=1)
+    out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
+    return out.transpose(1, 2)[real]
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -44,16 +66,14 @@ class Attention(nn.Module):
         cu = ctx.cu_seqlens_q_list
         if self.rotate_kv:
             q, k = apply_hadamard(q), apply_hadamard(k)
-        if ctx.uses_cache:
-            self.kv_cache.store(k, v, ctx.slot_mapping)
-        elif self.kv_spec is not None:  # what a quantized cache would hand back
-            k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
+        if not ctx.uses_cache:
+            if self.kv_spec is not None:  # what a quantized cache would hand back
+                k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
+            return padded_causal_attention(q, k, v, cu, self.scale)
+        self.kv_cache.store(k, v, ctx.slot_mapping)
         out = torch.empty_like(q)
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]
-            if ctx.uses_cache:
-                ki, vi = self.kv_cache.gather(ctx.block_tables[i], ctx.seq_lens_list[i])
-            else:
-                ki, vi = k[s:e], v[s:e]
+            ki, vi = self.kv_cache.gather(ctx.block_tables[i], ctx.seq_lens_list[i])
             out[s:e] = causal_attention(q[s:e], ki, vi, self.scale)
         return out
