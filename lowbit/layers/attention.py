@@ -14,13 +14,16 @@ from lowbit.quant.kv import kv_roundtrip
 from lowbit.quant.rotate import apply_hadamard
 
 
+def repeat_kv(x: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+    """GQA: each kv head serves `heads / x.shape[dim]` consecutive query heads."""
+    return x if x.shape[dim] == heads else x.repeat_interleave(heads // x.shape[dim], dim=dim)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [Lq, Hq, D]; k, v: [Lk, Hk, D] with Lk >= Lq; query i sits at key position Lk - Lq + i."""
     lq, hq, _ = q.shape
-    lk, hk, _ = k.shape
-    if hq != hk:
-        k = k.repeat_interleave(hq // hk, dim=1)
-        v = v.repeat_interleave(hq // hk, dim=1)
+    lk = k.shape[0]
+    k, v = repeat_kv(k, hq, 1), repeat_kv(v, hq, 1)
     mask = None
     if lq > 1:
         qpos = torch.arange(lk - lq, lk, device=q.device)[:, None]
@@ -45,10 +48,8 @@ def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         out[real] = x
         return out.transpose(1, 2)  # [B, H, n, D]
 
-    qp, kp, vp = pad(q), pad(k), pad(v)
-    if qp.shape[1] != kp.shape[1]:
-        kp = kp.repeat_interleave(qp.shape[1] // kp.shape[1], dim=1)
-        vp = vp.repeat_interleave(qp.shape[1] // vp.shape[1], dim=1)
+    qp = pad(q)
+    kp, vp = repeat_kv(pad(k), qp.shape[1], 1), repeat_kv(pad(v), qp.shape[1], 1)
     out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
     return out.transpose(1, 2)[real]
 

@@ -44,21 +44,21 @@ def outlier_count(recipe: Recipe, k: int) -> int:
 
 @torch.no_grad()
 def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None = None, progress: bool = True,
-                   batch_size: int = 8) -> dict:
+                   batch_size: int = 8) -> None:
     """Quantize `model` in place. `calib`: `[samples, seq_len]` token ids (needed when
-    `recipe.calibrated`). Returns per-layer metadata (outlier permutations) for the checkpoint."""
+    `recipe.calibrated`). Everything a checkpoint needs ends up on the layers' quant methods."""
     for attn in model.attention_layers():
         attn.kv_spec, attn.rotate_kv = recipe.kv, recipe.rotate_kv
     if recipe.rotate:
         rotate_model(model)
     if recipe.weight is None and recipe.activation is None:
-        return {}
+        return
     layers = model.model.layers
     if not recipe.calibrated:
         for layer in tqdm(layers, desc=f"quantize {recipe.name}", disable=not progress):
             for lin in layer_linears(layer).values():
                 install(lin, QuantLinearMethod(quantize_weight(lin.weight, recipe, 0), recipe.activation))
-        return {}
+        return
     if calib is None:
         raise ValueError(f"recipe {recipe.name} needs calibration data")
     device = next(model.parameters()).device
@@ -66,7 +66,6 @@ def quantize_model(model, recipe: Recipe, calib: torch.Tensor | None = None, pro
     for layer in tqdm(layers, desc=f"quantize {recipe.name}", disable=not progress):
         quantize_layer(model, layer, x, recipe, batch_size)
         x = run_layer(layer, x, batch_size)
-    return {}
 
 
 def run_layer(layer, x: torch.Tensor, batch_size: int) -> torch.Tensor:
