@@ -64,22 +64,22 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     """logits: fp32 `[B, vocab]`, one row per sequence. Returns tokens and (when asked) logprobs."""
     logits = logits.float().clone()
     apply_repetition_penalty(logits, seqs)
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
+    greedy = [s.params.greedy for s in seqs]  # decided on the host: no device sync
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all(greedy):
         probs = _filter(logits, seqs)
         drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
-        tokens = torch.where(greedy, tokens, drawn)
+        tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
     want = [s.params.logprobs for s in seqs]
     logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-    if any(w is not None for w in want):
-        lp = logits.log_softmax(-1)
-        k = max(w or 0 for w in want)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-        chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
-        for i, w in enumerate(want):
-            if w is None:
-                continue
-            top = list(zip(top_i[i, :w].tolist(), top_v[i, :w].tolist())) if w else []
-            logprobs[i] = TokenLogprob(int(tokens[i]), chosen[i], top)
-    return tokens.tolist(), logprobs
+    if all(w is None for w in want):
+        return tokens.tolist(), logprobs
+    lp = logits.log_softmax(-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    top_v, top_i = lp.topk(max(1, *(w or 0 for w in want)), dim=-1)
+    # each tensor comes to the host once for the whole batch, not once per sequence
+    token_list, chosen, top_i, top_v = (t.tolist() for t in (tokens, chosen, top_i, top_v))
+    for i, w in enumerate(want):
+        if w is not None:
+            logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:w], top_v[i][:w])))
+    return token_list, logprobs
