@@ -39,20 +39,28 @@ def _variant(base: str, name: str, note: str, **changes):
     return dataclasses.replace(r, name=name, description=f"{base} with {note}", **changes)
 
 
+_QS = RECIPES["w4a16"].weight.__class__
 # what else was tried: each a named recipe with one thing changed, measured beside the table
 VARIANTS = {v.name: v for v in [
     _variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8),
+    _variant("w8a8", "w8a8-gptq", "GPTQ int8 weights after SmoothQuant", method="gptq"),
     _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
     _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
     _variant("w4a16", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False),
+    _variant("w4a16", "w4a16-damp0.1", "GPTQ dampening 0.1 of the mean Hessian diagonal (not 0.01)", damp=0.1),
+    _variant("w4a16", "w4a16-awq", "AWQ scales and RTN with clip search instead of GPTQ", method="rtn",
+             smoothing="awq"),
+    _variant("w4a16", "w4a16-rtn-clip", "RTN with clip search instead of GPTQ", method="rtn"),
     _variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8)),
+    _variant("w4a8kv4", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False),
+    _variant("w4a8kv4", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None),
     _variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False),
     _variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False),
     _variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False),
     _variant("w4a4kv4-rot", "w4a4kv4-rot-perchannel-no-actorder",
              "per-channel weights and per-token activations (QuaRot's default), no act-order",
-             weight=RECIPES["w4a16"].weight.__class__(bits=4, granularity="channel"),
-             activation=RECIPES["w4a16"].weight.__class__(bits=4, granularity="channel", clip=0.9), act_order=False),
+             weight=_QS(bits=4, granularity="channel"), activation=_QS(bits=4, granularity="channel", clip=0.9),
+             act_order=False),
 ]}
 
 
@@ -80,9 +88,9 @@ def measure(args) -> None:
                    calib=f"{args.calib_samples}x{args.calib_len}" if recipe.calibrated else "-",
                    quantize_s=round(t1 - t0, 1), eval_s=round(time.time() - t1, 1), device=device_name,
                    date=datetime.date.today().isoformat(), commit=args.commit, model=str(args.model))
-        if args.kl and name in ROWS:
+        if args.kl:
             res["agreement"] = kl_agreement(model, ref, tokens, args.ctx, KL_WINDOWS, progress=False)
-        if args.tasks and name in ROWS:
+        if args.tasks:
             t2 = time.time()
             res["tasks"] = evaluate_tasks(model, files.tokenizer, TASKS, args.task_limit, batch_size=32,
                                           progress=False)
@@ -170,16 +178,22 @@ def render(results_dir: Path) -> str:
             lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {r['tasks']['average_acc']:.4f} | {r['tasks_s']} |")
     variants = [v for v in VARIANTS if v in res]
     if variants:
-        lines += ["", "What else was tried (one change to a recipe each; same data and scoring):", "",
-                  "| variant | change | perplexity | vs unquantized | the recipe's | commit |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "What else was tried (one change to a recipe each; same data and scoring; KL and the task "
+                      "average where measured):", "",
+                  "| variant | change | perplexity | vs unquantized | the recipe's | KL mean | average acc "
+                  "| the recipe's | commit |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name in variants:
             r, v = res[name], VARIANTS[name]
-            parent = v.description.split(" with ")[0]
-            own = res.get(parent, {}).get("ppl")
+            parent_name = v.description.split(" with ")[0]
+            parent = res.get(parent_name, {})
+            own = parent.get("ppl")
+            kl = r.get("agreement", {}).get("kl_mean")
+            avg, own_avg = (x.get("tasks", {}).get("average_acc") for x in (r, parent))
             lines.append(f"| `{name}` | {v.description.split(' with ', 1)[1]} | {r['ppl']:.3f} | "
                          f"{100 * (r['ppl'] / base['ppl'] - 1):+.2f}% | {'' if own is None else f'{own:.3f}'} | "
-                         f"{_commit(r)} |")
+                         f"{'' if kl is None else f'{kl:.4f}'} | {'' if avg is None else f'{avg:.4f}'} | "
+                         f"{'' if avg is None or own_avg is None else f'{own_avg:.4f}'} | {_commit(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ class Recipe:
     method: str = "rtn"  # how weights are rounded: "rtn" (with clip search) or "gptq"
     clip_search: bool = False  # search each group's clipping ratio (RTN: output MSE; GPTQ: weight MSE at fit)
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
+    damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, as a share of its mean
     smoothing: str | None = None  # "smoothquant" (alpha) or "awq" (searched scales)
     alpha: float = 0.5
     progressive: bool = False  # QServe: int8 per channel, then uint4 groups with integer scales
@@ -76,10 +77,11 @@ class Recipe:
         return f"w{w}a{a}{kv}"
 
     def rtn_baseline(self) -> "Recipe":
-        """The same bit widths with plain round-to-nearest and none of the calibrated algorithms
-        (Atom's int8 outlier channels go too: every channel in the main format)."""
-        return Recipe(name=f"rtn-{self.name}", description=f"plain RTN at the bit widths of {self.name}",
-                      weight=self.weight, activation=self.activation, kv=self.kv)
+        """The same storage formats (bit widths, QServe's progressive weights) with plain
+        round-to-nearest and none of the calibrated algorithms (Atom's int8 outlier channels go too:
+        every channel in the main format)."""
+        return Recipe(name=f"rtn-{self.name}", description=f"plain RTN in the formats of {self.name}",
+                      weight=self.weight, activation=self.activation, kv=self.kv, progressive=self.progressive)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
