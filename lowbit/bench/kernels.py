@@ -10,14 +10,13 @@ MMAs: int8 and fp8 tensor cores have one rate on Hopper).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 
 import torch
+
+from lowbit.bench.env import environment
 
 MODELS = {"llama3-8b": dict(hidden=4096, q=4096, kv=1024, mlp=14336, heads=32, kv_heads=8, head_dim=128),
           "llama3-70b": dict(hidden=8192, q=8192, kv=1024, mlp=28672, heads=64, kv_heads=8, head_dim=128)}
@@ -412,19 +411,6 @@ def tables(result: dict, markdown: bool) -> str:
     return "\n".join(out)
 
 
-def _env() -> dict:
-    import triton
-    props = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    return dict(device=props.name, sms=props.multi_processor_count, memory_GiB=round(props.total_memory / 2**30, 1),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                commit=os.environ.get("LOWBIT_COMMIT", commit))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit.bench kernels")
     p.add_argument("--quick", action="store_true", help="the 8B model, fewer M, batches and contexts")
@@ -446,7 +432,7 @@ def main(argv=None) -> int:
         print("lowbit.bench kernels needs a CUDA GPU")
         return 2
     sel = QUICK if args.quick else dict(models=list(MODELS), ms=MS, batches=BATCHES, contexts=CONTEXTS)
-    result = dict(env=_env(), quick=args.quick, **sel)
+    result = dict(env=environment(), quick=args.quick, **sel)
     print(json.dumps(result["env"]), flush=True)
     result["roofs"] = measure_roofs()
     print(json.dumps(result["roofs"]), flush=True)

@@ -24,24 +24,48 @@ def random_requests(num: int, input_len: int, output_len: int, range_ratio: floa
     return [([rng.randrange(vocab_size) for _ in range(length(input_len))], length(output_len)) for _ in range(num)]
 
 
-def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True) -> dict:
-    """Generate every request (sampling at temperature 1, as vLLM does) and time the whole batch."""
+def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True, time_limit_s: float | None = None,
+        desc: str = "generating") -> dict:
+    """Generate every request (sampling at temperature 1, as vLLM does) and time the whole batch.
+
+    With `time_limit_s`, requests still running when it has passed are aborted and the result counts
+    what was generated until then (`capped`; `num_requests` then counts the finished requests)."""
+    from tqdm.auto import tqdm
+
     from lowbit.sampling_params import SamplingParams
 
+    engine = llm.engine
     longest = max(len(p) + n for p, n in requests)
-    if longest > llm.engine.cfg.max_model_len:
+    if longest > engine.cfg.max_model_len:
         raise LowbitError(f"a request needs {longest} tokens, more than max_model_len "
-                          f"{llm.engine.cfg.max_model_len}: lower --input-len/--output-len or raise --max-model-len")
-    params = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=ignore_eos) for _, n in requests]
+                          f"{engine.cfg.max_model_len}: lower --input-len/--output-len or raise --max-model-len")
     start = time.perf_counter()
-    outs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
+    ids = [engine.add_request(p, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=ignore_eos))
+           for p, n in requests]
+    latest = {}  # request id -> its last output
+    capped = False
+    with tqdm(total=len(ids), desc=desc) as bar:
+        while engine.has_unfinished_requests():
+            if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
+                capped = True
+                for rid in ids:
+                    engine.abort_request(rid)
+                break
+            for out in engine.step():
+                latest[out.request_id] = out
+                bar.update(out.finished)
     elapsed = time.perf_counter() - start
-    prompt_tokens = sum(len(p) for p, _ in requests)
-    output_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    return summary(elapsed, num_requests=sum(o.finished for o in latest.values()),
+                   prompt_tokens=sum(len(o.prompt_token_ids) for o in latest.values()),
+                   output_tokens=sum(len(c.token_ids) for o in latest.values() for c in o.outputs), capped=capped)
+
+
+def summary(elapsed: float, num_requests: int, prompt_tokens: int, output_tokens: int, capped: bool) -> dict:
+    """vLLM's throughput metrics (prompt tokens count once their request has produced a token)."""
     total = prompt_tokens + output_tokens
-    return {"elapsed_time": elapsed, "num_requests": len(requests), "prompt_tokens": prompt_tokens,
-            "output_tokens": output_tokens, "total_num_tokens": total,
-            "requests_per_second": len(requests) / elapsed, "output_tokens_per_second": output_tokens / elapsed,
+    return {"elapsed_time": elapsed, "num_requests": num_requests, "prompt_tokens": prompt_tokens,
+            "output_tokens": output_tokens, "total_num_tokens": total, "capped": capped,
+            "requests_per_second": num_requests / elapsed, "output_tokens_per_second": output_tokens / elapsed,
             "tokens_per_second": total / elapsed}
 
 

@@ -118,7 +118,8 @@ class AsyncLLMEngine:
                 self._step()
             except Exception as e:  # the engine's state is unknown: end what is in flight, keep serving
                 log.exception("engine step failed; ending the %d requests in flight", len(self._tracked))
-                self._fail_all(lambda: RuntimeError(f"the engine failed: {e}"))
+                message = f"the engine failed: {e}"  # `e` is unbound once the except block ends
+                self._fail_all(lambda: RuntimeError(message))
         self._fail_all(lambda: LowbitError("the engine was shut down"))
 
     def _drain(self) -> None:

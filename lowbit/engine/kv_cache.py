@@ -1,33 +1,56 @@
-"""The paged KV cache: one storage object per attention layer, addressed by slot (block * size + offset)."""
+"""The paged KV cache: one storage object per attention layer, addressed by slot (block * size + offset).
+
+`PagedKVCache` (the model dtype) and `KernelKVCache` (int8 / int4 per (token, head)) keep the
+layout of `kernels/paged_attention.py`, so decode attention is one kernel call over all sequences;
+`QuantizedPagedKVCache` holds the other formats (groups within the head, fp8) for the torch path.
+"""
 from __future__ import annotations
 
 import torch
 
+from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
+from lowbit.kernels.reference import kv_dequant
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
 
 class PagedKVCache:
     """Full-precision K/V blocks `[num_blocks, block_size, n_kv_heads, head_dim]`.
 
-    `store` writes the new tokens' K/V at their slots; `gather` returns a sequence's K/V in order.
-    Quantized caches implement the same two methods.
+    `store` writes the new tokens' K/V at their slots; `gather` returns a sequence's K/V in order;
+    `decode` (when `decode_kernel`) attends one query token per sequence over the cache.
     """
 
+    quantized = False
+
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.block_size = block_size
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
+        self.k_sz = self.v_sz = None  # scale and zero pairs of a quantized cache
+
+    @property
+    def decode_kernel(self) -> bool:
+        """Whether `decode` runs: the kernel reads 16-bit values (fp32 caches keep the torch path)."""
+        return self.dtype in (torch.bfloat16, torch.float16) and supports_head_dim(self.head_dim)
 
     def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        keep = slot_mapping >= 0
-        slots = slot_mapping[keep]
-        self.k.index_copy_(0, slots, k[keep].to(self.k.dtype))
-        self.v.index_copy_(0, slots, v[keep].to(self.v.dtype))
+        kv_cache_write(k, v, self.k, self.v, self.k_sz, self.v_sz, slot_mapping)
 
     def gather(self, block_table: torch.Tensor, seq_len: int):
         slots = self.slots(block_table, seq_len)
-        return self.k[slots], self.v[slots]
+        return self._values(self.k, self.k_sz, slots), self._values(self.v, self.v_sz, slots)
+
+    def _values(self, cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
+        rows = cache.view(-1, *cache.shape[2:])[slots]
+        if sz is None:
+            return rows
+        return kv_dequant(rows, sz.view(-1, *sz.shape[2:])[slots], self.head_dim).to(self.dtype)
+
+    def decode(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+               max_seq_len: int | None) -> torch.Tensor:
+        """q `[B, n_heads, head_dim]`, one token per sequence -> attention output, one kernel launch."""
+        return paged_decode_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
+                                      scale, max_seq_len)
 
     def slots(self, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
         nb = -(-seq_len // self.block_size)
@@ -36,19 +59,44 @@ class PagedKVCache:
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
-        """K and V bytes of one token in one layer (codes plus scales and zeros when quantized)."""
-        if spec is None:
-            return 2 * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
-        groups = 1 if spec.group_size is None else head_dim // spec.group_size
-        code_bytes = head_dim * spec.bits // 8
-        return 2 * num_kv_heads * (code_bytes + groups * (4 + (0 if spec.fp8 else 1)))
+        """K and V bytes of one token in one layer."""
+        return 2 * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class KernelKVCache(PagedKVCache):
+    """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
+    `[num_blocks, block_size, n_kv_heads, head_dim (or / 2)]`, fp32 (scale, zero) pairs
+    `[num_blocks, block_size, n_kv_heads, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
+
+    quantized = True
+
+    def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
+        self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
+        shape = (num_blocks, block_size, num_kv_heads)
+        width = head_dim * spec.bits // 8
+        self.k, self.v = (torch.zeros(*shape, width, dtype=torch.uint8, device=device) for _ in range(2))
+        self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float32, device=device) for _ in range(2))
+
+    @property
+    def decode_kernel(self) -> bool:
+        return True
+
+    @staticmethod
+    def fits(spec, head_dim: int) -> bool:
+        return spec.bits in (4, 8) and spec.group_size is None and not spec.fp8 and supports_head_dim(head_dim)
+
+    @staticmethod
+    def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
+        return 2 * num_kv_heads * (head_dim * spec.bits // 8 + 8)  # codes, fp32 scale and zero
 
 
 class QuantizedPagedKVCache(PagedKVCache):
-    """K/V stored as codes with a scale (and zero) per (token, head), quantized once when written."""
+    """K/V stored as codes with a scale (and zero) per (token, head) or group, quantized once when written."""
+
+    quantized = True
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
-        self.block_size, self.spec, self.dtype = block_size, spec, dtype
+        self.block_size, self.head_dim, self.spec, self.dtype = block_size, head_dim, spec, dtype
         slots = num_blocks * block_size
         probe = torch.zeros(1, num_kv_heads, head_dim, device=device)
         codes, scale, zero = quantize_kv(probe, spec.bits, spec.group_size, spec.fp8)
@@ -56,6 +104,10 @@ class QuantizedPagedKVCache(PagedKVCache):
             name: [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=device) for _ in range(2)]
             for name, t in (("codes", codes), ("scale", scale), ("zero", zero)) if t is not None
         }
+
+    @property
+    def decode_kernel(self) -> bool:
+        return False
 
     def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         keep = slot_mapping >= 0
@@ -74,3 +126,23 @@ class QuantizedPagedKVCache(PagedKVCache):
             out.append(dequantize_kv(self.parts["codes"][i][slots], self.parts["scale"][i][slots], zero,
                                      self.spec.bits, self.spec.group_size, self.spec.fp8, self.dtype))
         return out[0], out[1]
+
+    @staticmethod
+    def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
+        groups = 1 if spec.group_size is None else head_dim // spec.group_size
+        code_bytes = head_dim * spec.bits // 8
+        return 2 * num_kv_heads * (code_bytes + groups * (4 + (0 if spec.fp8 else 1)))
+
+
+def kv_cache_class(spec, head_dim: int) -> type[PagedKVCache]:
+    """The cache for a layer's KV format (`quant.recipes.KVSpec`, None: the model dtype)."""
+    if spec is None:
+        return PagedKVCache
+    return KernelKVCache if KernelKVCache.fits(spec, head_dim) else QuantizedPagedKVCache
+
+
+def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device,
+                  spec=None) -> PagedKVCache:
+    args = (num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+    cls = kv_cache_class(spec, head_dim)
+    return cls(*args) if spec is None else cls(*args, spec)

@@ -5,6 +5,7 @@ import itertools
 
 from lowbit.config import EngineConfig, ModelConfig
 from lowbit.engine.block_manager import BlockManager
+from lowbit.engine.detokenizer import IncrementalDetokenizer
 from lowbit.engine.model_runner import ModelRunner
 from lowbit.engine.outputs import CompletionOutput, RequestOutput
 from lowbit.engine.scheduler import Scheduler
@@ -14,8 +15,10 @@ from lowbit.sampling_params import SamplingParams
 
 
 class _Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence]):
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence],
+                 detokenizers: list[IncrementalDetokenizer | None]):
         self.request_id, self.prompt, self.prompt_ids, self.seqs = request_id, prompt, prompt_ids, seqs
+        self.detokenizers = detokenizers  # one per sequence; None without a tokenizer (no text)
 
     @property
     def finished(self) -> bool:
@@ -23,6 +26,9 @@ class _Request:
 
 
 class LLMEngine:
+    """`tokenizer` may be None (random-weights models without one): prompts are then token ids and
+    outputs carry ids only (empty text)."""
+
     def __init__(self, model, tokenizer, model_cfg: ModelConfig, cfg: EngineConfig):
         self.model, self.tokenizer, self.model_cfg, self.cfg = model, tokenizer, model_cfg, cfg
         self.runner = ModelRunner(model, model_cfg, cfg)
@@ -39,6 +45,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise LowbitError(f"request id {request_id!r} is already in use")
+        if self.tokenizer is None and (isinstance(prompt, str) or params.stop):
+            raise LowbitError("this model has no tokenizer: send token ids, without stop strings")
         if isinstance(prompt, str):
             text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         else:
@@ -55,7 +63,9 @@ class LLMEngine:
             Sequence(request_id, i, ids, params, seed=None if params.seed is None else params.seed + i)
             for i in range(params.n)
         ]
-        self.requests[request_id] = _Request(request_id, text, ids, seqs)
+        detokenizers = [None if self.tokenizer is None else
+                        IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, detokenizers)
         for s in seqs:
             self.scheduler.add(s)
         return request_id
@@ -101,11 +111,14 @@ class LLMEngine:
         reason = None
         if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
             reason = "stop"
-        seq.output_text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=p.skip_special_tokens)
-        for stop in p.stop:
-            at = seq.output_text.find(stop)
-            if at >= 0:
-                seq.output_text, reason = seq.output_text[:at], "stop"
+        detokenizer = self.requests[seq.request_id].detokenizers[seq.index]
+        if detokenizer is not None:
+            searched = len(detokenizer.stable)  # final text, already searched for stop strings
+            seq.output_text = detokenizer.append(token)
+            for stop in p.stop:
+                at = seq.output_text.find(stop, max(0, searched - len(stop) + 1))
+                if at >= 0:
+                    seq.output_text, reason = seq.output_text[:at], "stop"
         if reason is None and (
             (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or len(seq) >= self.cfg.max_model_len
         ):

@@ -1,12 +1,19 @@
-"""Turns a scheduled batch into one forward pass: flat tokens, positions, attention metadata, sampling."""
+"""Turns a scheduled batch into one forward pass: flat tokens, positions, attention metadata, sampling.
+
+Decode-only batches on CUDA replay a CUDA graph: `StaticDecode` pads the batch to a bucket size
+in static input buffers and captures the forward (embedding to logits) once per bucket.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from lowbit.config import EngineConfig, ModelConfig
-from lowbit.engine.kv_cache import PagedKVCache, QuantizedPagedKVCache
+from lowbit.engine.kv_cache import kv_cache_class, make_kv_cache
 from lowbit.engine.scheduler import ScheduledSeq
 from lowbit.errors import LowbitError
+from lowbit.kernels.common import cdiv
 from lowbit.layers.context import AttentionContext
 from lowbit.layers.sampler import TokenLogprob, sample
 
@@ -17,8 +24,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
     """Blocks that fit: the configured number, or (CUDA) what `gpu_memory_utilization` leaves free."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
+    heads, dim = model_cfg.num_kv_heads, model_cfg.head_dim
     per_block = cfg.block_size * sum(
-        PagedKVCache.bytes_per_token(model_cfg.num_kv_heads, model_cfg.head_dim, getattr(torch, cfg.dtype), a.kv_spec)
+        kv_cache_class(a.kv_spec, dim).bytes_per_token(heads, dim, getattr(torch, cfg.dtype), a.kv_spec)
         for a in model.attention_layers()
     )
     if cfg.device.startswith("cuda"):
@@ -26,6 +34,131 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
         budget = free - (1 - cfg.gpu_memory_utilization) * total - 2**30  # 1 GiB for activations
         return max(0, int(budget // per_block))
     return max(CPU_KV_CACHE_TOKENS, 2 * cfg.max_model_len) // cfg.block_size
+
+
+@dataclass
+class HostBatch:
+    """A scheduled batch as host lists: flat token ids and positions, cache slots, and per sequence
+    the offsets of its new tokens (cu), tokens in the cache after this step, and block table."""
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    cu: list[int]
+    seq_lens: list[int]
+    tables: list[list[int]]
+
+    @property
+    def decode_seqs(self) -> list[int]:
+        return [i for i in range(len(self.seq_lens)) if self.cu[i + 1] - self.cu[i] == 1]
+
+
+def host_batch(batch: list[ScheduledSeq], block_size: int) -> HostBatch:
+    hb = HostBatch([], [], [], [0], [], [])
+    for item in batch:
+        seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_tokens
+        hb.ids.extend(seq.token_ids[start:start + n])
+        hb.positions.extend(range(start, start + n))
+        hb.slots.extend(seq.block_table[p // block_size] * block_size + p % block_size for p in range(start, start + n))
+        hb.cu.append(hb.cu[-1] + n)
+        hb.seq_lens.append(start + n)
+        hb.tables.append(seq.block_table)
+    return hb
+
+
+def prepare_inputs(hb: HostBatch, device: torch.device):
+    """-> (input_ids, positions, AttentionContext) on `device` for the eager forward."""
+    width = max(len(t) for t in hb.tables)
+    table = [t + [-1] * (width - len(t)) for t in hb.tables]
+    decodes = hb.decode_seqs
+    mixed = 0 < len(decodes) < len(hb.seq_lens)  # decodes gathered by index (decode-only: as they are)
+
+    def tensor(vals, dtype):
+        return torch.tensor(vals, dtype=dtype, device=device)
+
+    ctx = AttentionContext(
+        cu_seqlens_q=tensor(hb.cu, torch.int32),
+        seq_lens=tensor(hb.seq_lens, torch.int32),
+        slot_mapping=tensor(hb.slots, torch.long),
+        block_tables=tensor(table, torch.int32),
+        cu_seqlens_q_list=hb.cu,
+        seq_lens_list=hb.seq_lens,
+        decode_seqs=decodes,
+        decode_index=tensor(decodes, torch.long) if mixed else None,
+        decode_rows=tensor([hb.cu[i] for i in decodes], torch.long) if mixed else None,
+        max_seq_len=max(hb.seq_lens),
+    )
+    return tensor(hb.ids, torch.long), tensor(hb.positions, torch.long), ctx
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes, as vLLM: 1, 2, 4, 8, then multiples of 8, the last >= max_num_seqs."""
+    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
+    return [s for s in sizes if s < max_num_seqs] + [next(s for s in sizes if s >= max_num_seqs)]
+
+
+class StaticDecode:
+    """Decode-only batches (one new token per sequence) padded to a bucket size in static input
+    buffers, the form a CUDA graph replays. Padding rows write nothing (slot -1) and attend to one
+    token of block 0. With `capture` (CUDA) each bucket's first batch runs eagerly (compiling the
+    kernels), then its forward is captured into a graph sharing one memory pool and replayed from
+    then on; without it (CPU, tests) the same buffers always run eagerly."""
+
+    def __init__(self, model, cfg: EngineConfig, device: torch.device, capture: bool):
+        self.model, self.capture = model, capture
+        self.buckets = decode_buckets(cfg.max_num_seqs)
+        self.max_seq_len = cfg.max_model_len  # fixes the decode kernel's split for every replay
+        n, width = self.buckets[-1], cdiv(cfg.max_model_len, cfg.block_size)
+        self.input_ids, self.positions, self.slot_mapping = (torch.zeros(n, dtype=torch.long, device=device)
+                                                             for _ in range(3))
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, width, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def logits(self, hb: HostBatch) -> torch.Tensor:
+        """fp32 logits `[B, vocab]` of the batch's B sequences (a view into the static output)."""
+        b = len(hb.ids)
+        size = next(s for s in self.buckets if s >= b)
+        self._fill(hb, size)
+        if size in self.graphs:
+            graph, logits = self.graphs[size]
+            graph.replay()
+            return logits[:b]
+        logits = self._forward(size)
+        if self.capture:
+            self._capture(size)
+        return logits[:b]
+
+    def _fill(self, hb: HostBatch, size: int) -> None:
+        """Copy the batch into the buffers' first `size` rows; block-table columns past the longest
+        table keep stale entries, which the kernel never reads (they lie past every seq_len)."""
+        pad = size - len(hb.ids)
+        w = max(len(t) for t in hb.tables)
+        tables = [t + [0] * (w - len(t)) for t in hb.tables] + [[0] * w] * pad
+        for buf, vals in ((self.input_ids, hb.ids + [0] * pad), (self.positions, hb.positions + [0] * pad),
+                          (self.slot_mapping, hb.slots + [-1] * pad), (self.seq_lens, hb.seq_lens + [1] * pad),
+                          (self.block_tables[:, :w], tables)):
+            buf[:size].copy_(torch.tensor(vals, dtype=buf.dtype), non_blocking=True)
+
+    def _forward(self, size: int) -> torch.Tensor:
+        ctx = AttentionContext(
+            cu_seqlens_q=self.cu_seqlens_q[:size + 1], seq_lens=self.seq_lens[:size],
+            slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+            cu_seqlens_q_list=list(range(size + 1)), decode_seqs=list(range(size)), max_seq_len=self.max_seq_len,
+        )
+        hidden = self.model(self.input_ids[:size], self.positions[:size], ctx)
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, size: int) -> None:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(size)
+        self.graphs[size] = (graph, logits)
 
 
 class ModelRunner:
@@ -42,43 +175,28 @@ class ModelRunner:
                  getattr(torch, cfg.dtype), self.device)
         self.caches = []
         for attn in model.attention_layers():
-            cache = PagedKVCache(*shape) if attn.kv_spec is None else QuantizedPagedKVCache(*shape, attn.kv_spec)
-            attn.kv_cache = cache
-            self.caches.append(cache)
-
-    def _prepare(self, batch: list[ScheduledSeq]):
-        ids, pos, slots, cu, lens, tables = [], [], [], [0], [], []
-        bs = self.cfg.block_size
-        for item in batch:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_tokens
-            toks = seq.token_ids
-            ids.extend(toks[start:start + n])
-            pos.extend(range(start, start + n))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n))
-            cu.append(cu[-1] + n)
-            lens.append(start + n)
-            tables.append(seq.block_table)
-        width = max(len(t) for t in tables)
-        table = [t + [-1] * (width - len(t)) for t in tables]
-        dev = self.device
-        ctx = AttentionContext(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-            cu_seqlens_q_list=cu,
-            seq_lens_list=lens,
-        )
-        return (torch.tensor(ids, dtype=torch.long, device=dev),
-                torch.tensor(pos, dtype=torch.long, device=dev), ctx)
+            attn.kv_cache = make_kv_cache(*shape, attn.kv_spec)
+            self.caches.append(attn.kv_cache)
+        graphs = self.device.type == "cuda" and not cfg.enforce_eager and all(c.decode_kernel for c in self.caches)
+        self.static_decode = StaticDecode(model, cfg, self.device, capture=True) if graphs else None
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
         """Forward the batch; sample for the sequences whose last token was computed (in batch order)."""
-        input_ids, positions, ctx = self._prepare(batch)
-        hidden = self.model(input_ids, positions, ctx)
-        rows = [ctx.cu_seqlens_q_list[i + 1] - 1 for i, item in enumerate(batch) if item.samples]
-        if not rows:
-            return [], []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return sample(logits, [item.seq for item in batch if item.samples])
+        hb = host_batch(batch, self.cfg.block_size)
+        sampled = [i for i, item in enumerate(batch) if item.samples]
+        static = self.static_decode
+        if static is not None and len(hb.decode_seqs) == len(batch) <= static.max_batch:
+            logits = static.logits(hb)
+            if not sampled:
+                return [], []
+            if len(sampled) < len(batch):
+                logits = logits[torch.tensor(sampled, device=self.device)]
+        else:
+            input_ids, positions, ctx = prepare_inputs(hb, self.device)
+            hidden = self.model(input_ids, positions, ctx)
+            if not sampled:
+                return [], []
+            rows = [hb.cu[i + 1] - 1 for i in sampled]
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return sample(logits, [batch[i].seq for i in sampled])

@@ -89,6 +89,7 @@ def split_k(fixed: int, tiles: int, k_steps: int, device: torch.device, waves: i
 
 
 _SPLITK_BUFFERS: dict = {}
+_OUTGROWN: list = []  # replaced buffers stay allocated: a captured CUDA graph still points at them
 
 
 def splitk_buffers(device: torch.device, ws_numel: int, n_tiles: int):
@@ -98,11 +99,12 @@ def splitk_buffers(device: torch.device, ws_numel: int, n_tiles: int):
     of each tile resets its counter, so they are zero again after every launch (CUDA graphs too).
     Kernels that use them must run on one stream at a time.
     """
-    ws, locks = _SPLITK_BUFFERS.get(device, (None, None))
+    old = ws, locks = _SPLITK_BUFFERS.get(device, (None, None))
     if ws is None or ws.numel() < ws_numel:
         ws = torch.empty(max(ws_numel, 1 << 20), dtype=torch.float32, device=device)
     if locks is None or locks.numel() < n_tiles:
         locks = torch.zeros(max(n_tiles, 4096), dtype=torch.int32, device=device)
+    _OUTGROWN.extend(t for t in old if t is not None and t is not ws and t is not locks)
     _SPLITK_BUFFERS[device] = (ws, locks)
     return ws, locks
 

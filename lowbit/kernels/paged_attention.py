@@ -1,19 +1,22 @@
-"""Paged KV cache with asymmetric int8 / int4 codes: the quantizing write and decode attention.
+"""Paged KV cache with asymmetric int8 / int4 codes (or 16-bit values): the write and decode attention.
 
 Cache layout (one set for K, one for V):
 - codes uint8 `[num_blocks, block_size, n_kv_heads, head_dim]` (int8), or
   `[num_blocks, block_size, n_kv_heads, head_dim / 2]` (int4, `pack_int4` order along head_dim);
 - scale and zero fp32 `[num_blocks, block_size, n_kv_heads, 2]`, one pair per (token, head):
   `s = (max - min) / (2^b - 1)` (1 for a constant row), `z = clamp(round(-min / s), 0, 2^b - 1)`,
-  `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x ~ (q - z) * s`.
+  `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x ~ (q - z) * s`;
+- or unquantized: the values themselves `[num_blocks, block_size, n_kv_heads, head_dim]` (bf16 /
+  fp16; the write also takes fp32), no scale and zero (None).
 
 Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
 of the context); the group's query heads share each K/V tile. Codes enter fp16 MMAs without a
 conversion: a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left
 in place, gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two
 codes per 32-bit op. Scale and zero are folded out per token:
-`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way. Long
-contexts are split across programs and merged by log-sum-exp (flash-decoding).
+`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way. A 16-bit
+cache enters the MMAs as it is (query and probabilities in its dtype). Long contexts are split
+across programs and merged by log-sum-exp (flash-decoding).
 """
 from __future__ import annotations
 
@@ -37,7 +40,15 @@ class DecodeConfig:
 
 
 def kv_bits(cache: torch.Tensor, head_dim: int) -> int:
+    """8 or 4 for uint8 codes; 16 for a cache of the values themselves."""
+    if cache.dtype != torch.uint8:
+        return 16
     return 4 if cache.shape[-1] * 2 == head_dim else 8
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """The kernels tile head_dim whole (a power of two) and int4's half of it feeds an MMA (>= 16)."""
+    return 32 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping):
@@ -49,9 +60,9 @@ def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping
 
 
 def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   k_sz: torch.Tensor, v_sz: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                   k_sz: torch.Tensor | None, v_sz: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
     """Quantize key/value `[T, n_kv_heads, head_dim]` into the cache slots `slot_mapping` `[T]`
-    (block * block_size + offset; -1: skip), in place."""
+    (block * block_size + offset; -1: skip), in place; a 16-bit cache (k_sz, v_sz None) stores them as they are."""
     if use_triton(key):
         return kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
     return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
@@ -70,11 +81,11 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
     _, bs, hkv, _ = k_cache.shape
     bits = kv_bits(k_cache, d)
     gq = hq // hkv
-    cfg = config or DecodeConfig()
+    cfg = config or (DecodeConfig(block_n=64) if bits == 16 else DecodeConfig())  # 16-bit tiles are 2-4x larger
     max_seq_len = max_seq_len or block_tables.shape[1] * bs
     splits = splits or decode_splits(b, hkv, max_seq_len, q.device, cfg.waves)
     per_split = cdiv(cdiv(max_seq_len, splits), cfg.block_n) * cfg.block_n
-    out = torch.empty(b, hq, d, dtype=torch.bfloat16, device=q.device)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     if splits > 1:
         part_o = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
@@ -92,10 +103,11 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           k_sz: torch.Tensor, v_sz: torch.Tensor, block_tables: torch.Tensor,
+                           k_sz: torch.Tensor | None, v_sz: torch.Tensor | None, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int | None = None) -> torch.Tensor:
-    """q `[B, n_heads, head_dim]` (one token per sequence) -> bf16 `[B, n_heads, head_dim]`.
+    """q `[B, n_heads, head_dim]` (one token per sequence) -> `[B, n_heads, head_dim]` in q's dtype.
 
+    The cache holds codes with k_sz / v_sz, or 16-bit values with k_sz = v_sz = None.
     block_tables int32 `[B, max_blocks]` (-1 past the end), seq_lens int32 `[B]` (tokens in the
     cache, >= 1). max_seq_len bounds seq_lens (default: what the block table can hold); it only
     sets the split of the context, so a fixed value keeps the launch CUDA-graph safe.
@@ -126,7 +138,11 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, stride_t, stride_h, HKV
     ok = (offs_h[:, None] < HKV) & (slot >= 0)
     rows = x_ptr + t * stride_t + offs_h[:, None] * stride_h
     dst = slot * HKV + offs_h  # (token, head) row of the cache
-    if BITS == 8:
+    if BITS == 16:
+        offs_d = tl.arange(0, D)
+        x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0)
+        tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], x.to(cache_ptr.dtype.element_ty), mask=ok)
+    elif BITS == 8:
         offs_d = tl.arange(0, D)
         x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         c, s, z = _quant_asym(x, tl.minimum(tl.min(x, 1), 0.0)[:, None], tl.maximum(tl.max(x, 1), 0.0)[:, None], 255.0)
@@ -140,9 +156,10 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, stride_t, stride_h, HKV
         c0, s, z = _quant_asym(x0, lo, hi, 15.0)
         c1, _, _ = _quant_asym(x1, lo, hi, 15.0)
         tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], c0 | (c1 << 4), mask=ok)
-    h_ok = (offs_h < HKV) & (slot >= 0)
-    tl.store(sz_ptr + dst * 2, tl.sum(s, 1), mask=h_ok)
-    tl.store(sz_ptr + dst * 2 + 1, tl.sum(z, 1), mask=h_ok)
+    if BITS != 16:
+        h_ok = (offs_h < HKV) & (slot >= 0)
+        tl.store(sz_ptr + dst * 2, tl.sum(s, 1), mask=h_ok)
+        tl.store(sz_ptr + dst * 2 + 1, tl.sum(z, 1), mask=h_ok)
 
 
 _INT4_FP16_ASM = tl.constexpr("""{
@@ -198,7 +215,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    DC: tl.constexpr = D // 2 if BITS == 4 else D  # code bytes per (token, head)
+    DC: tl.constexpr = D // 2 if BITS == 4 else D  # cache elements per (token, head)
     STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
     seq_len = tl.load(sl_ptr + b)
     start = sp * per_split
@@ -207,16 +224,19 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     offs_c = tl.arange(0, DC)
     h_ok = offs_h[:, None] < GQ
     q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
-    # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
-    # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
-    qa = tl.load(q_rows + STEP * offs_c[None, :], mask=h_ok, other=0.0).to(tl.float16)
-    qsum = tl.sum(qa.to(tl.float32), 1)
-    q_1024 = 1024.0 * qsum  # q . 1024
-    if BITS == 4:
-        qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
-        qb_sum = tl.sum(qb.to(tl.float32), 1)
-        qsum += 16.0 * qb_sum
-        q_1024 += 1024.0 * qb_sum
+    if BITS == 16:  # the query in the cache's dtype
+        qa = tl.load(q_rows + offs_c[None, :], mask=h_ok, other=0.0).to(kc_ptr.dtype.element_ty)
+    else:
+        # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
+        # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
+        qa = tl.load(q_rows + STEP * offs_c[None, :], mask=h_ok, other=0.0).to(tl.float16)
+        qsum = tl.sum(qa.to(tl.float32), 1)
+        q_1024 = 1024.0 * qsum  # q . 1024
+        if BITS == 4:
+            qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
+            qb_sum = tl.sum(qb.to(tl.float32), 1)
+            qsum += 16.0 * qb_sum
+            q_1024 += 1024.0 * qb_sum
     m_i = tl.full([BH], float("-inf"), tl.float32)
     l_i = tl.zeros([BH], tl.float32)
     acc_a = tl.zeros([BH, DC], tl.float32)
@@ -227,13 +247,16 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         blk = tl.load(bt_ptr + b * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
         row = (blk * BS + offs_t % BS) * HKV + kvh
         kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
-        k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0)
-        k_z = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
-        ka, kb = _codes_fp16(kc, BITS, ASM)
-        raw = tl.dot(qa, tl.trans(ka))
-        if BITS == 4:
-            raw = tl.dot(qb, tl.trans(kb), raw)
-        scores = (raw - q_1024[:, None] - qsum[:, None] * k_z[None, :]) * (k_s * sm_scale)[None, :]
+        if BITS == 16:
+            scores = tl.dot(qa, tl.trans(kc)) * sm_scale
+        else:
+            k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0)
+            k_z = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+            ka, kb = _codes_fp16(kc, BITS, ASM)
+            raw = tl.dot(qa, tl.trans(ka))
+            if BITS == 4:
+                raw = tl.dot(qb, tl.trans(kb), raw)
+            scores = (raw - q_1024[:, None] - qsum[:, None] * k_z[None, :]) * (k_s * sm_scale)[None, :]
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.exp(m_i - m_new)
@@ -241,25 +264,28 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
-        v_s = tl.load(vsz_ptr + row * 2, mask=t_ok, other=0.0)
-        v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
-        pv = (p * v_s[None, :]).to(tl.float16)
-        pvf = pv.to(tl.float32)
-        va, vb = _codes_fp16(vc, BITS, ASM)
-        corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
-        acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
-        if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
-            corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
-            acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+        if BITS == 16:
+            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        else:
+            v_s = tl.load(vsz_ptr + row * 2, mask=t_ok, other=0.0)
+            v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+            pv = (p * v_s[None, :]).to(tl.float16)
+            pvf = pv.to(tl.float32)
+            va, vb = _codes_fp16(vc, BITS, ASM)
+            corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
+            acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
+            if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
+                corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
+                acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
     has = l_i > 0  # an empty split has no tokens
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
     acc_b = acc_b / 16.0
     heads = kvh * GQ + offs_h[:, None]
     if SPLITS == 1:
         o_rows = o_ptr + (b * HKV * GQ + heads) * D
-        tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(tl.bfloat16), mask=h_ok)
+        tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
         if BITS == 4:
-            tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(tl.bfloat16), mask=h_ok)
+            tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
     else:
         part = (b * HKV * GQ + heads) * SPLITS + sp
         tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
@@ -282,4 +308,4 @@ def _merge_splits_kernel(po_ptr, plse_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.co
     w = w / tl.maximum(tl.sum(w, 0), 1e-30)
     o = tl.load(po_ptr + (row * SPLITS + offs_s[:, None]) * D + offs_d[None, :],
                 mask=offs_s[:, None] < SPLITS, other=0.0)
-    tl.store(o_ptr + row * D + offs_d, tl.sum(w[:, None] * o, 0).to(tl.bfloat16))
+    tl.store(o_ptr + row * D + offs_d, tl.sum(w[:, None] * o, 0).to(o_ptr.dtype.element_ty))

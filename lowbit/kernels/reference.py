@@ -89,13 +89,20 @@ def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping) -> No
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
+        rows = cache.view(-1, *cache.shape[2:])
+        if sz is None:  # a 16-bit cache: the values themselves
+            rows[slots] = x[keep].to(cache.dtype)
+            continue
         q, s, z = quantize_kv(x[keep].float(), bits)  # the numerics contract: quant/kv.py
-        cache.view(-1, *cache.shape[2:])[slots] = q
+        rows[slots] = q
         sz.view(-1, *sz.shape[2:])[slots] = torch.stack((s, z.float()), dim=-1)
 
 
-def kv_dequant(cache: torch.Tensor, sz: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Codes `[..., n_kv_heads, head_dim or head_dim/2]` with their (scale, zero) -> fp32 values."""
+def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """Codes `[..., n_kv_heads, head_dim or head_dim/2]` with their (scale, zero) -> fp32 values
+    (sz None: the cache holds the values)."""
+    if sz is None:
+        return cache.float()
     q = cache if cache.shape[-1] == head_dim else unpack_int4(cache, head_dim, signed=False)
     return (q.float() - sz[..., 1:]) * sz[..., :1]
 
@@ -104,15 +111,18 @@ def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_le
                            max_seq_len=None) -> torch.Tensor:
     b, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty(b, hq, d, dtype=torch.bfloat16, device=q.device)
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+
+    def rows(cache, sz, slots):
+        return kv_dequant(cache.view(-1, hkv, cache.shape[-1])[slots],
+                          None if sz is None else sz.view(-1, hkv, 2)[slots], d)
+
     for i in range(b):
         n = int(seq_lens[i])
         t = torch.arange(n, device=q.device)
         slots = block_tables[i, t // bs].long() * bs + t % bs
-        k = kv_dequant(k_cache.view(-1, hkv, k_cache.shape[-1])[slots], k_sz.view(-1, hkv, 2)[slots], d)
-        v = kv_dequant(v_cache.view(-1, hkv, v_cache.shape[-1])[slots], v_sz.view(-1, hkv, 2)[slots], d)
-        k = k.repeat_interleave(hq // hkv, dim=1)  # [n, hq, d]
-        v = v.repeat_interleave(hq // hkv, dim=1)
+        k = rows(k_cache, k_sz, slots).repeat_interleave(hq // hkv, dim=1)  # [n, hq, d]
+        v = rows(v_cache, v_sz, slots).repeat_interleave(hq // hkv, dim=1)
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
-        out[i] = torch.einsum("hn,nhd->hd", p, v).to(torch.bfloat16)
+        out[i] = torch.einsum("hn,nhd->hd", p, v)
     return out

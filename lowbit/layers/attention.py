@@ -1,7 +1,9 @@
-"""Causal attention over a flat token batch, reading/writing the paged KV cache (torch reference).
+"""Causal attention over a flat token batch, reading/writing the paged KV cache.
 
 The cache object (`engine/kv_cache.py`) owns the storage format: it quantizes on `store` and
-dequantizes on `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches.
+dequantizes on `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches. Sequences
+with one new token run the cache's decode kernel together (when it has one); the others attend in
+torch, one sequence at a time, over what the cache hands back.
 """
 from __future__ import annotations
 
@@ -71,10 +73,28 @@ class Attention(nn.Module):
             if self.kv_spec is not None:  # what a quantized cache would hand back
                 k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
             return padded_causal_attention(q, k, v, cu, self.scale)
-        self.kv_cache.store(k, v, ctx.slot_mapping)
+        cache = self.kv_cache
+        cache.store(k, v, ctx.slot_mapping)
+        decodes = ctx.decode_seqs if cache.decode_kernel else None
+        if decodes and ctx.decode_only:  # no host data read: CUDA-graph safe
+            return cache.decode(q, ctx.block_tables, ctx.seq_lens, self.scale, ctx.max_seq_len)
         out = torch.empty_like(q)
+        if decodes:
+            rows, seqs = ctx.decode_rows, ctx.decode_index
+            out[rows] = cache.decode(q[rows], ctx.block_tables[seqs], ctx.seq_lens[seqs], self.scale,
+                                     ctx.max_seq_len)
+        skip = set(decodes or ())
         for i in range(len(cu) - 1):
-            s, e = cu[i], cu[i + 1]
-            ki, vi = self.kv_cache.gather(ctx.block_tables[i], ctx.seq_lens_list[i])
-            out[s:e] = causal_attention(q[s:e], ki, vi, self.scale)
+            if i not in skip:
+                out[cu[i]:cu[i + 1]] = self._prefill(q, k, v, ctx, i)
         return out
+
+    def _prefill(self, q, k, v, ctx: AttentionContext, i: int) -> torch.Tensor:
+        """Sequence i's new tokens over its cached context (dequantized: the numbers decode sees)."""
+        s, e = ctx.cu_seqlens_q_list[i], ctx.cu_seqlens_q_list[i + 1]
+        n = ctx.seq_lens_list[i]
+        if n == e - s and not self.kv_cache.quantized and k.dtype == self.kv_cache.dtype:
+            # nothing cached before: the cache holds exactly k, v
+            return causal_attention(q[s:e], k[s:e], v[s:e], self.scale)
+        ki, vi = self.kv_cache.gather(ctx.block_tables[i], n)
+        return causal_attention(q[s:e], ki, vi, self.scale)

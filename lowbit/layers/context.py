@@ -15,6 +15,10 @@ class AttentionContext:
     slot_mapping: int [T], cache slot (block * block_size + offset) for each new token.
     block_tables: int [B, max_blocks], -1 padded. All three cache fields are None for a
     cache-less pass (perplexity, calibration), where each sequence attends to its own tokens.
+    decode_seqs: the sequences with exactly one new token (host list), which the decode kernel
+    serves together; decode_index / decode_rows: the same sequences and their token rows as int64
+    device tensors (None when every sequence decodes). max_seq_len bounds seq_lens (it sets the
+    decode kernel's split: max_model_len under CUDA graphs).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -24,6 +28,10 @@ class AttentionContext:
     # host copies, so the torch reference can loop over sequences without device syncs
     cu_seqlens_q_list: list[int] | None = None
     seq_lens_list: list[int] | None = None
+    decode_seqs: list[int] | None = None
+    decode_index: torch.Tensor | None = None
+    decode_rows: torch.Tensor | None = None
+    max_seq_len: int | None = None
 
     @classmethod
     def cacheless(cls, seq_lens: list[int], device) -> "AttentionContext":
@@ -39,3 +47,7 @@ class AttentionContext:
     @property
     def uses_cache(self) -> bool:
         return self.slot_mapping is not None
+
+    @property
+    def decode_only(self) -> bool:
+        return self.decode_seqs is not None and len(self.decode_seqs) == len(self.cu_seqlens_q_list) - 1

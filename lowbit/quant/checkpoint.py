@@ -35,6 +35,9 @@ def _linear_entries(model, prefix_state: dict) -> dict:
         method = getattr(mod, "quant_method", None)
         if method is None:
             continue
+        if method.weight is None:
+            raise LowbitError(f"{name}: the model holds only its kernels' weight layout (loaded to serve); "
+                              "save a checkpoint from the quantizer's model")
         entry = {"activation": None if method.activation is None else method.activation.to_dict(),
                  "act_outliers": method.act_outliers, "input_perm": method.input_perm is not None}
         if isinstance(method.weight, ProgressiveWeight):
@@ -137,7 +140,7 @@ def install_quantized(model, qcfg: dict, tensors: dict[str, torch.Tensor], sourc
                       for i, s in enumerate(e["segments"])]
         act = None if e["activation"] is None else QuantSpec.from_dict(e["activation"])
         perm = get(f"{name}.input_perm").to(device) if e["input_perm"] else None
-        install(lin, QuantLinearMethod(weight, act, e["act_outliers"], perm))
+        install(lin, QuantLinearMethod(weight, act, e["act_outliers"], perm), keep_codes=False)
     for name in qcfg["online_hadamard"]:
         model.get_submodule(name).online_hadamard = True
     kv = None if qcfg["kv"] is None else KVSpec(**qcfg["kv"])

@@ -19,9 +19,10 @@ OUTLIER_ACT = QuantSpec(bits=8, granularity="channel")  # Atom: outlier channels
 
 @dataclass
 class QuantLinearMethod:
-    """segments: [(start, stop, QTensor)] over the input columns, or a ProgressiveWeight."""
+    """segments: [(start, stop, QTensor)] over the input columns, or a ProgressiveWeight; None once
+    released for serving, when the kernel's layout (`kernel`) is all that is kept (`install`)."""
 
-    weight: list[tuple[int, int, QTensor]] | ProgressiveWeight
+    weight: list[tuple[int, int, QTensor]] | ProgressiveWeight | None
     activation: QuantSpec | None = None
     act_outliers: int = 0  # the last k input channels (after input_perm) quantized as OUTLIER_ACT
     input_perm: torch.Tensor | None = None  # gathered from the input at run time (fused upstream in kernels)
@@ -96,6 +97,8 @@ class QuantLinearMethod:
         """Move what the forward reads to `device` (the codes too, so kernels can be prepared there)."""
         if self.input_perm is not None:
             self.input_perm = self.input_perm.to(device)
+        if self.weight is None:
+            return self
         if isinstance(self.weight, ProgressiveWeight):
             for name in ("codes4", "s1", "s2", "z2"):
                 setattr(self.weight, name, getattr(self.weight, name).to(device))
@@ -106,15 +109,18 @@ class QuantLinearMethod:
         return self
 
 
-def install(layer, method: QuantLinearMethod) -> None:
+def install(layer, method: QuantLinearMethod, keep_codes: bool = True) -> None:
     """Make `layer` quantized: its weight becomes the dequantized stored weight (the reference path).
 
     A 16-bit model on CUDA runs the layer on its Triton kernel where one computes its format (the
     kernels return bf16; an fp32 model keeps the exact reference path, e.g. for accuracy tables),
-    and then keeps no dequantized copy: the packed codes are all it holds.
+    and then keeps no dequantized copy. With `keep_codes=False` (models loaded to serve, random-weight
+    models) it also releases the stored codes, so the kernel's layout is the only copy of the weight.
     """
     w = method.dequantized_weight(layer.weight.dtype).to(layer.weight.device)
     layer.weight = torch.nn.Parameter(w, requires_grad=False)
     layer.quant_method = method.to(layer.weight.device)
     if w.is_cuda and w.dtype != torch.float32 and method.prepare_kernel():
         layer.weight = torch.nn.Parameter(w.new_empty(0), requires_grad=False)
+        if not keep_codes:
+            method.weight = None

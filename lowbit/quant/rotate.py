@@ -118,6 +118,12 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (torch.kron(sylvester, _paley(m)) / math.sqrt(n)).to(dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _paley_on(m: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`_paley(m)` copied to the device once: no host-to-device copy per call (CUDA-graph capture forbids it)."""
+    return _paley(m).to(device=device, dtype=dtype)
+
+
 def apply_hadamard(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """`x @ hadamard_matrix(n)` along `dim` without forming the matrix: a Walsh-Hadamard butterfly over
     the power-of-two factor and a small matmul over the Paley factor. Half-precision inputs are
@@ -128,7 +134,7 @@ def apply_hadamard(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     # Viewed as [..., 2^a, m], x @ kron(S, P) is S^T X P, and S is symmetric.
     y = x.to(torch.promote_types(x.dtype, torch.float32)).reshape(-1, pow2, m)
     if m > 1:
-        y = y @ _paley(m).to(y)
+        y = y @ _paley_on(m, y.device, y.dtype)
     h = 1
     while h < pow2:
         y = y.view(-1, pow2 // (2 * h), 2, h, m)

@@ -1,0 +1,68 @@
+"""The end-to-end throughput sweep and the HF peer, on the tiny random-weights model on the CPU."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from lowbit.bench import e2e
+from lowbit.cli import main
+
+
+def test_hf_backend_counts(tmp_path, capsys):
+    out = tmp_path / "hf.json"
+    assert main(["bench", "throughput", "--backend", "hf", "--random-weights", "--arch", "tiny", "--device", "cpu",
+                 "--num-prompts", "5", "--input-len", "12", "--output-len", "6", "--hf-batch-size", "2",
+                 "--output-json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert (r["num_requests"], r["prompt_tokens"], r["output_tokens"]) == (5, 60, 30) and not r["capped"]
+    assert r["total_num_tokens"] == 90 and r["output_tokens_per_second"] > 0
+    assert "output tokens/s" in capsys.readouterr().out
+    assert main(["bench", "throughput", "--backend", "hf", "--device", "cpu", "--recipe", "fp8",
+                 "--random-weights", "--arch", "tiny"]) == 2
+    assert "--backend hf runs --random-weights --arch models only" in capsys.readouterr().err
+
+
+def test_sweep_writes_rows_and_rerenders(tmp_path, capsys):
+    out, md = tmp_path / "res", tmp_path / "table.md"
+    assert e2e.main(["--device", "cpu", "--out", str(out), "--max-prompts", "3", "--warmup-seqs", "2",
+                     "--hf-batch-size", "2", "--markdown", str(md),
+                     "tiny:bf16:16/8", "tiny:w4a8kv4:16/8", "tiny:hf:16/8"]) == 0
+    rows = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(rows) == ["tiny__bf16__16x8.json", "tiny__hf__16x8.json", "tiny__w4a8kv4__16x8.json"]
+    ours = rows["tiny__w4a8kv4__16x8.json"]
+    assert (ours["num_requests"], ours["output_tokens"], ours["prompt_tokens"]) == (3, 24, 48)
+    assert ours["seqs_in_cache"] > 3 and ours["engine"]["max_num_seqs"] == 512 and ours["env"]["torch"]
+    assert rows["tiny__hf__16x8.json"]["output_tokens"] == 16
+    table = capsys.readouterr().out.split("\n\n", 1)[1]
+    assert "| tiny | 16/8 | `w4a8kv4` | 3 |" in table and "HF transformers (float32)" in table
+    assert "| tiny | 16/8 | `bf16` | 3 |" in table and "1.00x" in table
+    assert md.read_text() == table.rstrip("\n") + "\n"
+    assert e2e.main(["--from-json", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
+
+
+def test_time_cap_and_budget(tmp_path, monkeypatch, capsys):
+    """A workload past --config-time-s is cut (its row says so); no config starts once the budget is spent."""
+    out = tmp_path / "res"
+    assert e2e.main(["--device", "cpu", "--out", str(out), "--max-prompts", "4", "--warmup-seqs", "0",
+                     "--config-time-s", "0.2", "tiny:bf16:16/490"]) == 0
+    row = json.loads((out / "tiny__bf16__16x490.json").read_text())
+    assert row["capped"] and row["num_requests"] < 4 and 0 < row["output_tokens"] < 4 * 490
+    assert "capped at 0.2 s" in capsys.readouterr().out
+
+    clock = itertools.count(0, 10)  # each reading of the sweep's clock is 10 s after the last
+    monkeypatch.setattr(e2e.time, "monotonic", lambda: next(clock))
+    out2 = tmp_path / "res2"
+    assert e2e.main(["--device", "cpu", "--out", str(out2), "--max-prompts", "2", "--warmup-seqs", "0",
+                     "--budget-s", "45", "--min-config-s", "1", "tiny:bf16:16/4,16/8", "tiny:fp8:16/4"]) == 0
+    assert [p.name for p in out2.glob("*.json")] == ["tiny__bf16__16x4.json"]
+    assert "budget spent: skipping tiny bf16 16/8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("spec", ["tiny:bf16", "tiny:bf16:16x8", "tiny::16/8", "tiny:bf16:0/8"])
+def test_bad_spec(tmp_path, capsys, spec):
+    assert e2e.main(["--device", "cpu", "--out", str(tmp_path), spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "want ARCH:RECIPE:IN/OUT" in err[0]

@@ -1,0 +1,228 @@
+"""The engine on the KV kernels: kernel-layout caches, decode through `paged_decode_attention`, and
+decode batches padded into static buffers (CUDA graphs on CUDA), against the torch path."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lowbit import LLM, SamplingParams  # noqa: E402
+from lowbit.engine.kv_cache import (KernelKVCache, PagedKVCache, QuantizedPagedKVCache,  # noqa: E402
+                                    kv_cache_class, make_kv_cache)
+from lowbit.engine.model_runner import HostBatch, StaticDecode, decode_buckets, prepare_inputs  # noqa: E402
+from lowbit.kernels import paged_attention, testing  # noqa: E402
+from lowbit.layers.attention import causal_attention  # noqa: E402
+from lowbit.quant.recipes import KVSpec  # noqa: E402
+
+DEV = testing.triton_device()
+CUDA = torch.cuda.is_available()
+BS, HKV, D = 4, 2, 32
+
+
+def _kv(t, g, dtype=torch.float32):
+    return testing.randn((t, HKV, D), g, dtype), testing.randn((t, HKV, D), g, dtype)
+
+
+def _slots(t, n_blocks, g):
+    slots = torch.randperm(n_blocks * BS, generator=g)[:t]
+    slots[[1, 5]] = -1
+    return slots
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_kernel_cache_matches_the_generic_cache(bits):
+    g = testing.gen()
+    n_blocks, t = 6, 20
+    spec = KVSpec(bits)
+    kernel = make_kv_cache(n_blocks, BS, HKV, D, torch.float32, "cpu", spec)
+    generic = QuantizedPagedKVCache(n_blocks, BS, HKV, D, torch.float32, "cpu", spec)
+    assert isinstance(kernel, KernelKVCache)
+    k, v = _kv(t, g)
+    slots = _slots(t, n_blocks, g)
+    for cache in (kernel, generic):
+        cache.store(k, v, slots)
+    table = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    for n in (1, 7, n_blocks * BS):
+        for a, b in zip(kernel.gather(table, n), generic.gather(table, n)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [None, KVSpec(8), KVSpec(4), KVSpec(4, group_size=16), KVSpec(8, fp8=True)])
+def test_bytes_per_token_is_what_the_cache_allocates(spec):
+    n_blocks = 3
+    cache = make_kv_cache(n_blocks, BS, HKV, D, torch.bfloat16, "cpu", spec)
+    tensors = ([cache.k, cache.v, cache.k_sz, cache.v_sz] if not isinstance(cache, QuantizedPagedKVCache)
+               else [t for ts in cache.parts.values() for t in ts])
+    allocated = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    assert allocated == n_blocks * BS * type(cache).bytes_per_token(HKV, D, torch.bfloat16, spec)
+
+
+def test_which_cache_serves_which_format():
+    assert kv_cache_class(None, D) is PagedKVCache
+    assert kv_cache_class(KVSpec(4), D) is KernelKVCache and kv_cache_class(KVSpec(8), 128) is KernelKVCache
+    for spec, d in ((KVSpec(4, group_size=16), D), (KVSpec(8, fp8=True), D), (KVSpec(4), 16), (KVSpec(8), 96)):
+        assert kv_cache_class(spec, d) is QuantizedPagedKVCache
+    bf16, fp32 = (PagedKVCache(2, BS, HKV, D, dt, "cpu") for dt in (torch.bfloat16, torch.float32))
+    assert bf16.decode_kernel and not fp32.decode_kernel  # fp32 keeps the torch path
+
+
+def _host_batch(steps, tables):
+    """steps: per sequence (tokens, start, n): its new tokens are tokens[start:start + n]."""
+    hb = HostBatch([], [], [], [0], [], [])
+    for (toks, start, n), table in zip(steps, tables):
+        hb.ids += toks[start:start + n]
+        hb.positions += range(start, start + n)
+        hb.slots += [table[p // BS] * BS + p % BS for p in range(start, start + n)]
+        hb.cu.append(hb.cu[-1] + n)
+        hb.seq_lens.append(start + n)
+        hb.tables.append(table)
+    return hb
+
+
+@pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
+                                        (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
+def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
+    """Decodes (one kernel call), a chunk over cached context and a fresh prompt in one batch: each
+    sequence as the torch path computes it over what the cache hands back."""
+    from lowbit.layers.attention import Attention
+
+    g = testing.gen()
+    hq, n_blocks = 4, 16
+    attn = Attention(hq, HKV, D)
+    attn.kv_cache = make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
+    assert attn.kv_cache.decode_kernel
+    perm = torch.randperm(n_blocks, generator=g).tolist()
+    tables = [perm[4 * i:4 * i + 4] for i in range(4)]
+    cached, new = [9, 8, 0, 15], [1, 5, 6, 1]  # decode, chunk over context, fresh prompt, decode
+    first = _host_batch([([0] * c, 0, c) for c in cached if c], [t for t, c in zip(tables, cached) if c])
+    _, _, ctx = prepare_inputs(first, "cpu")
+    attn.kv_cache.store(*_kv(len(first.ids), g, dtype), ctx.slot_mapping)
+    hb = _host_batch([([0] * (c + n), c, n) for c, n in zip(cached, new)], tables)
+    _, _, ctx = prepare_inputs(hb, "cpu")
+    assert ctx.decode_seqs == [0, 3] and not ctx.decode_only
+    t = len(hb.ids)
+    q = testing.randn((t, hq, D), g, dtype)
+    k, v = _kv(t, g, dtype)
+    out = attn(q, k, v, ctx)
+    for i in range(4):
+        s, e = hb.cu[i], hb.cu[i + 1]
+        ki, vi = attn.kv_cache.gather(torch.tensor(tables[i]), hb.seq_lens[i])
+        want = causal_attention(q[s:e].double(), ki.double(), vi.double(), attn.scale)
+        assert testing.rel_err(out[s:e], want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_buckets():
+    assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 24] and decode_buckets(1) == [1] and decode_buckets(3) == [1, 2, 4]
+
+
+def _prompts(g, n, longest=29, vocab=1024):
+    return [torch.randint(3, vocab, (int(torch.randint(1, longest + 1, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _llm(device, **kw):
+    return LLM(random_weights="tiny", device=device, block_size=BS, max_model_len=64, max_num_seqs=12,
+               num_kv_blocks=256, **kw)
+
+
+def _static_vs_eager(llm, g, device, n=5, longest=29):
+    """Prefill n sequences, then one decode step through both paths: (static logits, eager logits)."""
+    runner = llm.engine.runner
+    static = StaticDecode(llm.model, runner.cfg, runner.device, capture=False)
+    prompts = _prompts(g, n, longest)
+    perm = torch.randperm(runner.num_blocks, generator=g).tolist()
+    tables = [perm[8 * i:8 * i + 8] for i in range(n)]
+    with torch.inference_mode():
+        ids, pos, ctx = prepare_inputs(_host_batch([(p, 0, len(p)) for p in prompts], tables), device)
+        llm.model(ids, pos, ctx)
+        hb = _host_batch([(p + [7], len(p), 1) for p in prompts], tables)
+        ids, pos, ctx = prepare_inputs(hb, device)
+        assert ctx.decode_only
+        eager = llm.model.compute_logits(llm.model(ids, pos, ctx))
+        caches = [c.k.clone() for c in runner.caches]
+        padded = static.logits(hb)  # with padding rows (n = 5: bucket 8)
+    written = torch.zeros(runner.num_blocks * BS, dtype=torch.bool, device=device)
+    written[torch.tensor(hb.slots, device=device)] = True
+    for before, c in zip(caches, runner.caches):  # the padding rows wrote nothing
+        assert torch.equal(before.flatten(0, 1)[~written], c.k.flatten(0, 1)[~written])
+    return padded, eager
+
+
+@pytest.mark.parametrize("kw", [dict(recipe="w4a8kv4"), dict(dtype="bfloat16")], ids=["kv4", "bf16"])
+def test_padded_static_decode_matches_eager(kw):
+    padded, eager = _static_vs_eager(_llm("cpu", **kw), testing.gen(), "cpu")
+    assert padded.shape == eager.shape
+    assert testing.rel_err(padded, eager) < (1e-5 if "recipe" in kw else 1e-2)
+
+
+def _generate(llm, prompts, n=8):
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+def test_engine_on_kernel_caches_matches_the_torch_path():
+    """kv4 kernel caches with decode batches padded into the static buffers, against the generic
+    cache (same numbers, torch attention for every sequence); a small token budget mixes decodes
+    with prefill chunks."""
+    prompts = _prompts(testing.gen(), 10)
+    llm = _llm("cpu", recipe="w4a8kv4", max_num_batched_tokens=16, enable_prefix_caching=False)
+    runner = llm.engine.runner
+    runner.static_decode = StaticDecode(llm.model, runner.cfg, runner.device, capture=False)
+    fast = _generate(llm, prompts)
+    _set_caches(llm, QuantizedPagedKVCache, KVSpec(4))  # the same numbers without the kernel layout
+    assert fast == _generate(llm, prompts)
+
+
+def _set_caches(llm, cls, spec):
+    """Every layer on a fresh fp32-model `cls` cache of format `spec`; no static decode."""
+    runner = llm.engine.runner
+    runner.static_decode = None
+    runner.caches = [cls(runner.num_blocks, BS, HKV, D, torch.float32, runner.device, spec)
+                     for _ in llm.model.attention_layers()]
+    for attn, cache in zip(llm.model.attention_layers(), runner.caches):
+        attn.kv_spec, attn.kv_cache = spec, cache
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+def test_engine_runs_the_triton_kernels(monkeypatch):
+    """The engine's calls of the Triton write and decode kernels (layouts, strides, slot dtype):
+    their logits against the reference kernels' at one padded decode step (fp32 weights, kv4)."""
+    seed, llm = testing.gen().initial_seed(), _llm(DEV, dtype="float32")
+    _set_caches(llm, KernelKVCache, KVSpec(4))
+    monkeypatch.setattr(paged_attention, "use_triton", lambda *t: False)
+    want, _ = _static_vs_eager(llm, testing.gen(seed), DEV, 3, 8)
+    monkeypatch.setattr(paged_attention, "use_triton", lambda *t: True)
+    got, eager = _static_vs_eager(llm, testing.gen(seed), DEV, 3, 8)
+    assert testing.rel_err(got, want) < 1e-2 and testing.rel_err(eager, want) < 1e-2
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kw", [dict(), dict(recipe="w4a8kv4")], ids=["bf16", "kv4"])
+def test_cuda_graphs_replay_the_padded_decode(kw):
+    """Graph replays give the tokens of the same padded forward run eagerly (same kernels, same shapes)."""
+    prompts = _prompts(testing.gen(), 11)
+    graphs = _llm("cuda", **kw)
+    static = graphs.engine.runner.static_decode
+    assert static is not None and static.pool is not None
+    eager = _llm("cuda", enforce_eager=True, **kw)
+    assert eager.engine.runner.static_decode is None
+    runner = eager.engine.runner
+    runner.static_decode = StaticDecode(eager.model, runner.cfg, runner.device, capture=False)
+    assert _generate(graphs, prompts, 16) == _generate(eager, prompts, 16)
+    assert static.graphs and set(static.graphs) <= set(static.buckets)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_match_the_eager_engine():
+    """fp32 activations over the kv4 kernel cache (graphs on): greedy tokens as the eager engine's
+    (unpadded, context-sized split). (Against the torch path, whose attention differs by rounding,
+    test_engine_runs_the_triton_kernels compares logits.)"""
+    prompts = _prompts(testing.gen(), 11)
+    kw = dict(recipe="w4a8kv4", dtype="float32")
+    graphs, eager = _llm("cuda", **kw), _llm("cuda", enforce_eager=True, **kw)
+    out = _generate(graphs, prompts, 16)
+    assert graphs.engine.runner.static_decode.graphs
+    assert out == _generate(eager, prompts, 16)
