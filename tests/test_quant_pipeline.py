@@ -12,6 +12,7 @@ from lowbit.models.loader import load_model
 from lowbit.quant.calibrate import calibration_tokens
 from lowbit.quant.checkpoint import save_checkpoint
 from lowbit.quant.quantize import quantize_model, rotate_model
+from lowbit.quant.recipes import RECIPES, get_recipe
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""`lowbit bench throughput|serve|kernels|e2e`; the first two follow vLLM's benchmark conventions,
-`kernels` and `e2e` hand their arguments to `lowbit.bench.kernels.main` / `lowbit.bench.e2e.main`."""
+"""`lowbit bench throughput|serve|kernels|e2e|profile`; the first two follow vLLM's benchmark conventions,
+the others hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
 import argparse
@@ -77,8 +77,12 @@ def register(sub) -> dict:
     e2e = kinds.add_parser("e2e", help="offline throughput of recipes x workloads and the HF peer in one run, "
                                        "one table (lowbit bench e2e --help)", add_help=False, prefix_chars="\0")
     e2e.add_argument("argv", nargs="*")
+    pf = kinds.add_parser("profile", help="where an engine step's time goes, per phase and kernel "
+                                          "(lowbit bench profile --help)", add_help=False, prefix_chars="\0")
+    pf.add_argument("argv", nargs="*")
 
-    handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e")}
+    handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
+                "profile": _main("profile")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 

@@ -37,6 +37,9 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     temp = torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=torch.float32)
     logits = logits / temp[:, None]
     vocab = logits.shape[-1]
+    if all((s.params.top_k <= 0 or s.params.top_k >= vocab) and s.params.top_p >= 1.0 and s.params.min_p <= 0.0
+           for s in seqs):
+        return logits.softmax(-1)  # nothing to cut: the sort below costs more than the whole decode step's sampling
     top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
     top_p = torch.tensor([s.params.top_p for s in seqs], device=dev, dtype=torch.float32)
     min_p = torch.tensor([s.params.min_p for s in seqs], device=dev, dtype=torch.float32)

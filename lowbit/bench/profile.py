@@ -1,0 +1,152 @@
+"""Where an engine step's time goes: `python -m lowbit.bench profile [--arch A] [--recipe R] ...`.
+
+Runs one offline workload on random weights (as `e2e` does) with the GPU synchronized around each
+phase of every step, and prints per step kind (decode-only through the CUDA graph, or mixed/prefill
+through the eager forward) the mean milliseconds spent scheduling, building the batch on the host,
+in the forward (GPU included), sampling, and updating requests; then torch.profiler's top kernels
+over a few steps of each kind. The synchronization costs a little overlap, so these are shares of a
+step, not a throughput figure (that is `e2e`'s job).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+PHASES = ("schedule", "host_batch", "forward", "sample", "update")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lowbit.bench profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="llama3-8b")
+    p.add_argument("--recipe", default="w4a8kv4", help="a recipe name, or bf16")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--time-limit-s", type=float, default=60.0, help="stop the timed run after this long")
+    p.add_argument("--trace-steps", type=int, default=3, help="steps of each kind under torch.profiler")
+    p.add_argument("--device", default="cuda")
+    return p
+
+
+class StepTimer:
+    """Accumulates synchronized wall time per (step kind, phase)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.steps: dict[str, int] = defaultdict(int)
+        self.kind = "?"
+        self.enabled = True
+
+    @contextmanager
+    def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        self.sync()
+        t0 = time.perf_counter()
+        yield
+        self.sync()
+        self.ms[self.kind][name] += 1e3 * (time.perf_counter() - t0)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            with self.phase(name):
+                return fn(*a, **k)
+
+        setattr(obj, attr, timed)
+
+    def table(self) -> str:
+        lines = ["| step kind | steps | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms |",
+                 "| --- | --- |" + " --- |" * (len(PHASES) + 1)]
+        for kind, n in sorted(self.steps.items()):
+            per = [self.ms[kind][p] / n for p in PHASES]
+            lines.append(f"| {kind} | {n} | " + " | ".join(f"{v:.2f}" for v in per) + f" | {sum(per):.2f} |")
+        return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from lowbit.api import LLM
+    from lowbit.bench.throughput import random_requests
+    from lowbit.engine import model_runner
+    from lowbit.models.random_weights import random_config
+    from lowbit.sampling_params import SamplingParams
+
+    a = _parser().parse_args(argv)
+    llm = LLM(random_weights=a.arch, recipe=None if a.recipe == "bf16" else a.recipe, device=a.device,
+              max_model_len=a.input_len + a.output_len, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens)
+    engine = llm.engine
+    vocab = random_config(a.arch).vocab_size
+
+    def submit(num, input_len, output_len, seed):
+        for prompt, n in random_requests(num, input_len, output_len, 0.0, vocab, seed):
+            engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True))
+
+    submit(min(a.max_num_seqs, 256), 24, 8, 1)  # warm-up: compiles kernels, captures the graphs it meets
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    timer = StepTimer(torch.device(a.device))
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(model_runner, "host_batch", "host_batch")
+    timer.wrap(model_runner, "sample", "sample")
+    runner = engine.runner
+    run = runner.run
+
+    def classified(batch):
+        decode = all(item.num_tokens == 1 for item in batch)
+        timer.kind = f"decode b{len(batch) // 64 * 64}-{len(batch) // 64 * 64 + 63}" if decode else "mixed/prefill"
+        timer.steps[timer.kind] += timer.enabled
+        with timer.phase("forward"):  # minus the nested phases, below
+            return run(batch)
+
+    runner.run = classified
+    submit(a.num_prompts, a.input_len, a.output_len, 2)
+    start, traced = time.perf_counter(), defaultdict(int)
+    prof = a.device != "cpu"
+    while engine.has_unfinished_requests() and time.perf_counter() - start < a.time_limit_s:
+        t0 = time.perf_counter()
+        batch_kind = None
+        if prof:
+            pending = engine.scheduler
+            decode_now = bool(pending.running) and not pending.waiting and all(
+                s.num_uncomputed == 1 for s in pending.running)
+            batch_kind = "decode" if decode_now else "mixed"
+        trace = prof and traced[batch_kind] < a.trace_steps and time.perf_counter() - start > 2
+        if trace:
+            traced[batch_kind] += 1
+            timer.enabled = False
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+                engine.step()
+            timer.enabled = True
+            print(f"\n## kernels, one {batch_kind} step ({1e3 * (time.perf_counter() - t0):.1f} ms wall)")
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            continue
+        with timer.phase("update"):
+            engine.step()
+    for rid in list(engine.requests):
+        engine.abort_request(rid)
+    # "update" held the whole step: take the nested phases out of it, and the sampling out of forward
+    for kind, ms in timer.ms.items():
+        ms["forward"] -= ms["sample"] + ms["host_batch"]
+        ms["update"] -= ms["schedule"] + ms["forward"] + ms["sample"] + ms["host_batch"]
+    print(f"\n## {a.arch} {a.recipe} {a.input_len}/{a.output_len}, {a.num_prompts} prompts, "
+          f"max_num_seqs {a.max_num_seqs}: mean ms per step (synchronized)\n")
+    print(timer.table())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
