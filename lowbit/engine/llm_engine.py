@@ -105,7 +105,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, lp) -> None:
         p = seq.params
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         if lp is not None:
             seq.output_logprobs.append(lp)
         reason = None
@@ -120,7 +120,7 @@ class LLMEngine:
                 if at >= 0:
                     seq.output_text, reason = seq.output_text[:at], "stop"
         if reason is None and (
-            (p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens) or len(seq) >= self.cfg.max_model_len
+            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.cfg.max_model_len
         ):
             reason = "length"
         if reason is not None:
@@ -128,7 +128,7 @@ class LLMEngine:
 
     def _output(self, req: _Request) -> RequestOutput:
         outs = [
-            CompletionOutput(s.index, s.output_text, list(s.output_token_ids), s.finish_reason,
+            CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason,
                              list(s.output_logprobs) if s.params.logprobs is not None else None)
             for s in req.seqs
         ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lowbit.config import EngineConfig, ModelConfig
@@ -65,10 +66,18 @@ def host_batch(batch: list[ScheduledSeq], block_size: int) -> HostBatch:
     return hb
 
 
+def padded_tables(tables: list[list[int]], width: int, rows: int, fill: int) -> np.ndarray:
+    """int32 `[rows, width]`: the block tables left-aligned, `fill` elsewhere (numpy: 3x faster than
+    torch.tensor over nested lists, which costs milliseconds per step at 512 sequences)."""
+    out = np.full((rows, width), fill, dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, :len(t)] = t
+    return out
+
+
 def prepare_inputs(hb: HostBatch, device: torch.device):
     """-> (input_ids, positions, AttentionContext) on `device` for the eager forward."""
     width = max(len(t) for t in hb.tables)
-    table = [t + [-1] * (width - len(t)) for t in hb.tables]
     decodes = hb.decode_seqs
     mixed = 0 < len(decodes) < len(hb.seq_lens)  # decodes gathered by index (decode-only: as they are)
 
@@ -79,7 +88,7 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         cu_seqlens_q=tensor(hb.cu, torch.int32),
         seq_lens=tensor(hb.seq_lens, torch.int32),
         slot_mapping=tensor(hb.slots, torch.long),
-        block_tables=tensor(table, torch.int32),
+        block_tables=torch.from_numpy(padded_tables(hb.tables, width, len(hb.tables), -1)).to(device),
         cu_seqlens_q_list=hb.cu,
         seq_lens_list=hb.seq_lens,
         decode_seqs=decodes,
@@ -99,12 +108,12 @@ def decode_buckets(max_num_seqs: int) -> list[int]:
 class StaticDecode:
     """Decode-only batches (one new token per sequence) padded to a bucket size in static input
     buffers, the form a CUDA graph replays. Padding rows write nothing (slot -1) and attend to one
-    token of block 0. With `capture` (CUDA) each bucket's first batch runs eagerly (compiling the
-    kernels), then its forward is captured into a graph sharing one memory pool and replayed from
-    then on; without it (CPU, tests) the same buffers always run eagerly."""
+    token of block 0. With `capture` (CUDA) the runner captures every bucket's forward at start-up
+    (`capture_all`), into graphs sharing one memory pool; without it (CPU, tests) the same buffers
+    run eagerly."""
 
     def __init__(self, model, cfg: EngineConfig, device: torch.device, capture: bool):
-        self.model, self.capture = model, capture
+        self.model = model
         self.buckets = decode_buckets(cfg.max_num_seqs)
         self.max_seq_len = cfg.max_model_len  # fixes the decode kernel's split for every replay
         n, width = self.buckets[-1], cdiv(cfg.max_model_len, cfg.block_size)
@@ -120,6 +129,15 @@ class StaticDecode:
     def max_batch(self) -> int:
         return self.buckets[-1]
 
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (so the smaller graphs reuse its pool), as vLLM
+        does at start-up: a bucket first met mid-run would cost a run its eager forward and capture."""
+        for size in reversed(self.buckets):
+            self._fill(HostBatch([0] * size, [0] * size, [-1] * size, list(range(size + 1)), [1] * size,
+                                 [[0]] * size), size)
+            self._forward(size)  # compiles the kernels for this shape outside the capture
+            self._capture(size)
+
     def logits(self, hb: HostBatch) -> torch.Tensor:
         """fp32 logits `[B, vocab]` of the batch's B sequences (a view into the static output)."""
         b = len(hb.ids)
@@ -129,21 +147,17 @@ class StaticDecode:
             graph, logits = self.graphs[size]
             graph.replay()
             return logits[:b]
-        logits = self._forward(size)
-        if self.capture:
-            self._capture(size)
-        return logits[:b]
+        return self._forward(size)[:b]
 
     def _fill(self, hb: HostBatch, size: int) -> None:
         """Copy the batch into the buffers' first `size` rows; block-table columns past the longest
         table keep stale entries, which the kernel never reads (they lie past every seq_len)."""
         pad = size - len(hb.ids)
         w = max(len(t) for t in hb.tables)
-        tables = [t + [0] * (w - len(t)) for t in hb.tables] + [[0] * w] * pad
         for buf, vals in ((self.input_ids, hb.ids + [0] * pad), (self.positions, hb.positions + [0] * pad),
-                          (self.slot_mapping, hb.slots + [-1] * pad), (self.seq_lens, hb.seq_lens + [1] * pad),
-                          (self.block_tables[:, :w], tables)):
+                          (self.slot_mapping, hb.slots + [-1] * pad), (self.seq_lens, hb.seq_lens + [1] * pad)):
             buf[:size].copy_(torch.tensor(vals, dtype=buf.dtype), non_blocking=True)
+        self.block_tables[:size, :w].copy_(torch.from_numpy(padded_tables(hb.tables, w, size, 0)), non_blocking=True)
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = AttentionContext(
@@ -179,6 +193,8 @@ class ModelRunner:
             self.caches.append(attn.kv_cache)
         graphs = self.device.type == "cuda" and not cfg.enforce_eager and all(c.decode_kernel for c in self.caches)
         self.static_decode = StaticDecode(model, cfg, self.device, capture=True) if graphs else None
+        if self.static_decode is not None:
+            self.static_decode.capture_all()
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:

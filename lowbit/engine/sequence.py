@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, field
 
 from lowbit.sampling_params import SamplingParams
 
@@ -16,35 +15,48 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
 class Sequence:
-    request_id: str
-    index: int  # which of the request's n samples
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seed: int | None = None
-    seq_id: int = field(default_factory=lambda: next(_ids))
-    output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[dict] = field(default_factory=list)
-    output_text: str = ""
-    status: Status = Status.WAITING
-    finish_reason: str | None = None
-    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
-    block_table: list[int] = field(default_factory=list)
-    block_hashes: list[bytes] = field(default_factory=list)  # of the leading blocks published or reused
-    num_preemptions: int = 0
-    generator: object = None  # the per-request torch.Generator, made on first use
+    """Its tokens live in one list, prompt then outputs, that grows in place: the engine reads
+    slices of it every step, so no property may rebuild it."""
+
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
+                 seed: int | None = None):
+        self.request_id, self.index, self.params, self.seed = request_id, index, params, seed
+        self.seq_id = next(_ids)
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.output_logprobs: list = []
+        self.output_text = ""
+        self.status = Status.WAITING
+        self.finish_reason: str | None = None
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # of the leading blocks published or reused
+        self.num_preemptions = 0
+        self.generator = None  # the per-request torch.Generator, made on first use
 
     @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """A copy: append with `append_token`."""
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def append_token(self, token: int) -> None:
+        self.token_ids.append(token)
 
     def __len__(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.token_ids)
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self) - self.num_computed_tokens
+        return len(self.token_ids) - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
