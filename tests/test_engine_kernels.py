@@ -143,7 +143,7 @@ def _static_vs_eager(llm, g, device, n=5, longest=29):
         assert ctx.decode_only
         eager = llm.model.compute_logits(llm.model(ids, pos, ctx))
         caches = [c.k.clone() for c in runner.caches]
-        padded = static.logits(hb)  # with padding rows (n = 5: bucket 8)
+        padded = llm.model.compute_logits(static.hidden(hb))  # with padding rows (n = 5: bucket 8)
     written = torch.zeros(runner.num_blocks * BS, dtype=torch.bool, device=device)
     written[torch.tensor(hb.slots, device=device)] = True
     for before, c in zip(caches, runner.caches):  # the padding rows wrote nothing

@@ -1,7 +1,9 @@
 """Turns a scheduled batch into one forward pass: flat tokens, positions, attention metadata, sampling.
 
 Decode-only batches on CUDA replay a CUDA graph: `StaticDecode` pads the batch to a bucket size
-in static input buffers and captures the forward (embedding to logits) once per bucket.
+in static input buffers and captures the forward (embedding to last hidden state) once per bucket;
+the logits of the real rows are computed after the replay (one GEMM), so no bucket keeps a
+`[bucket, vocab]` output alive (at 128 buckets of a 128k vocabulary those would take 34 GB).
 """
 from __future__ import annotations
 
@@ -138,15 +140,15 @@ class StaticDecode:
             self._forward(size)  # compiles the kernels for this shape outside the capture
             self._capture(size)
 
-    def logits(self, hb: HostBatch) -> torch.Tensor:
-        """fp32 logits `[B, vocab]` of the batch's B sequences (a view into the static output)."""
+    def hidden(self, hb: HostBatch) -> torch.Tensor:
+        """Last hidden states `[B, hidden]` of the batch's B sequences (a view into the static output)."""
         b = len(hb.ids)
         size = next(s for s in self.buckets if s >= b)
         self._fill(hb, size)
         if size in self.graphs:
-            graph, logits = self.graphs[size]
+            graph, hidden = self.graphs[size]
             graph.replay()
-            return logits[:b]
+            return hidden[:b]
         return self._forward(size)[:b]
 
     def _fill(self, hb: HostBatch, size: int) -> None:
@@ -165,14 +167,13 @@ class StaticDecode:
             slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
             cu_seqlens_q_list=list(range(size + 1)), decode_seqs=list(range(size)), max_seq_len=self.max_seq_len,
         )
-        hidden = self.model(self.input_ids[:size], self.positions[:size], ctx)
-        return self.model.compute_logits(hidden)
+        return self.model(self.input_ids[:size], self.positions[:size], ctx)
 
     def _capture(self, size: int) -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(size)
-        self.graphs[size] = (graph, logits)
+            hidden = self._forward(size)
+        self.graphs[size] = (graph, hidden)
 
 
 class ModelRunner:
@@ -203,11 +204,12 @@ class ModelRunner:
         sampled = [i for i, item in enumerate(batch) if item.samples]
         static = self.static_decode
         if static is not None and len(hb.decode_seqs) == len(batch) <= static.max_batch:
-            logits = static.logits(hb)
+            hidden = static.hidden(hb)
             if not sampled:
                 return [], []
             if len(sampled) < len(batch):
-                logits = logits[torch.tensor(sampled, device=self.device)]
+                hidden = hidden[torch.tensor(sampled, device=self.device)]
+            logits = self.model.compute_logits(hidden)
         else:
             input_ids, positions, ctx = prepare_inputs(hb, self.device)
             hidden = self.model(input_ids, positions, ctx)
