@@ -91,7 +91,7 @@ def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
     g = testing.gen()
     hq, n_blocks = 4, 16
     attn = Attention(hq, HKV, D)
-    attn.kv_cache = make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
+    attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
     assert attn.kv_cache.decode_kernel
     perm = torch.randperm(n_blocks, generator=g).tolist()
     tables = [perm[4 * i:4 * i + 4] for i in range(4)]

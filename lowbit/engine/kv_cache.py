@@ -37,7 +37,11 @@ class PagedKVCache:
         kv_cache_write(k, v, self.k, self.v, self.k_sz, self.v_sz, slot_mapping)
 
     def gather(self, block_table: torch.Tensor, seq_len: int):
-        slots = self.slots(block_table, seq_len)
+        """A sequence's first `seq_len` K/V, in order, as the model dtype."""
+        return self.read(self.slots(block_table, seq_len))
+
+    def read(self, slots: torch.Tensor):
+        """K/V at the cache slots `slots` `[N]` -> two `[N, n_kv_heads, head_dim]` in the model dtype."""
         return self._values(self.k, self.k_sz, slots), self._values(self.v, self.v_sz, slots)
 
     def _values(self, cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
@@ -118,8 +122,7 @@ class QuantizedPagedKVCache(PagedKVCache):
                 if t is not None:
                     self.parts[name][i].index_copy_(0, slots, t)
 
-    def gather(self, block_table: torch.Tensor, seq_len: int):
-        slots = self.slots(block_table, seq_len)
+    def read(self, slots: torch.Tensor):
         out = []
         for i in range(2):
             zero = self.parts["zero"][i][slots] if "zero" in self.parts else None

@@ -7,6 +7,7 @@ the logits of the real rows are computed after the replay (one GEMM), so no buck
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,10 +22,38 @@ from lowbit.layers.context import AttentionContext
 from lowbit.layers.sampler import TokenLogprob, sample
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
+ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, the CUDA graphs' pool
 
 
-def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Module) -> int:
-    """Blocks that fit: the configured number, or (CUDA) what `gpu_memory_utilization` leaves free."""
+@torch.inference_mode()
+def profile_step_memory(model, model_cfg: ModelConfig, cfg: EngineConfig) -> int:
+    """Bytes the largest step needs beyond the weights (vLLM's profile run): a cache-less forward of
+    `max_num_batched_tokens` tokens in sequences of at most `max_model_len`, then the logits and the
+    sampler's working set (a sort and softmax of fp32 logits) for `max_num_seqs` rows."""
+    device = torch.device(cfg.device)
+    tokens = cfg.max_num_batched_tokens
+    lens = [min(cfg.max_model_len, tokens - s) for s in range(0, tokens, cfg.max_model_len)]
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    positions = torch.cat([torch.arange(n, device=device) for n in lens])
+    hidden = model(ids, positions, AttentionContext.cacheless(lens, device))
+    logits = model.compute_logits(hidden[:min(tokens, cfg.max_num_seqs)]).float()
+    del hidden
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1) / torch.empty_like(logits).exponential_()
+    del logits, sorted_logits, order, probs
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    torch.cuda.empty_cache()
+    return peak
+
+
+def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Module, reserve: int = 0) -> int:
+    """Blocks that fit: the configured number, or (CUDA) what `gpu_memory_utilization` leaves free
+    after the largest step's activations and `reserve` bytes (the CUDA graphs)."""
     if cfg.num_kv_blocks is not None:
         return cfg.num_kv_blocks
     heads, dim = model_cfg.num_kv_heads, model_cfg.head_dim
@@ -33,8 +62,9 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
         for a in model.attention_layers()
     )
     if cfg.device.startswith("cuda"):
+        peak = profile_step_memory(model, model_cfg, cfg)
         free, total = torch.cuda.mem_get_info()
-        budget = free - (1 - cfg.gpu_memory_utilization) * total - 2**30  # 1 GiB for activations
+        budget = free - (1 - cfg.gpu_memory_utilization) * total - peak - reserve - ACTIVATION_MARGIN
         return max(0, int(budget // per_block))
     return max(CPU_KV_CACHE_TOKENS, 2 * cfg.max_model_len) // cfg.block_size
 
@@ -53,6 +83,11 @@ class HostBatch:
     @property
     def decode_seqs(self) -> list[int]:
         return [i for i in range(len(self.seq_lens)) if self.cu[i + 1] - self.cu[i] == 1]
+
+    @property
+    def fresh_seqs(self) -> list[int]:
+        """Sequences of several new tokens and nothing cached before them."""
+        return [i for i in range(len(self.seq_lens)) if 1 < self.cu[i + 1] - self.cu[i] == self.seq_lens[i]]
 
 
 def host_batch(batch: list[ScheduledSeq], block_size: int) -> HostBatch:
@@ -86,6 +121,11 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
     def tensor(vals, dtype):
         return torch.tensor(vals, dtype=dtype, device=device)
 
+    fresh = hb.fresh_seqs
+    fresh_cu = [0]
+    for i in fresh:
+        fresh_cu.append(fresh_cu[-1] + hb.cu[i + 1] - hb.cu[i])
+
     ctx = AttentionContext(
         cu_seqlens_q=tensor(hb.cu, torch.int32),
         seq_lens=tensor(hb.seq_lens, torch.int32),
@@ -96,6 +136,9 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         decode_seqs=decodes,
         decode_index=tensor(decodes, torch.long) if mixed else None,
         decode_rows=tensor([hb.cu[i] for i in decodes], torch.long) if mixed else None,
+        fresh_seqs=fresh,
+        fresh_rows=tensor([r for i in fresh for r in range(hb.cu[i], hb.cu[i + 1])], torch.long) if fresh else None,
+        fresh_cu=fresh_cu,
         max_seq_len=max(hb.seq_lens),
     )
     return tensor(hb.ids, torch.long), tensor(hb.positions, torch.long), ctx
@@ -180,22 +223,46 @@ class ModelRunner:
     def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig):
         self.model, self.model_cfg, self.cfg = model, model_cfg, cfg
         self.device = torch.device(cfg.device)
-        self.num_blocks = num_kv_blocks(cfg, model_cfg, model)
+        graphs = False
+        if self.device.type == "cuda" and not cfg.enforce_eager:
+            self._make_caches(cdiv(cfg.max_model_len, cfg.block_size))  # the least the graphs' buffers address
+            graphs = all(c.decode_kernel for c in self.caches)
+        reserve = self._graph_memory() if graphs else 0
+        self.num_blocks = num_kv_blocks(cfg, model_cfg, model, reserve)
         if self.num_blocks * cfg.block_size < cfg.max_model_len:
             raise LowbitError(
                 f"the KV cache holds {self.num_blocks * cfg.block_size} tokens, less than max_model_len "
                 f"{cfg.max_model_len}: lower --max-model-len or raise --gpu-memory-utilization"
             )
-        shape = (self.num_blocks, cfg.block_size, model_cfg.num_kv_heads, model_cfg.head_dim,
-                 getattr(torch, cfg.dtype), self.device)
-        self.caches = []
-        for attn in model.attention_layers():
-            attn.kv_cache = make_kv_cache(*shape, attn.kv_spec)
-            self.caches.append(attn.kv_cache)
-        graphs = self.device.type == "cuda" and not cfg.enforce_eager and all(c.decode_kernel for c in self.caches)
+        self._make_caches(self.num_blocks)
         self.static_decode = StaticDecode(model, cfg, self.device, capture=True) if graphs else None
         if self.static_decode is not None:
             self.static_decode.capture_all()
+
+    def _make_caches(self, num_blocks: int) -> None:
+        self.caches = []
+        for attn in self.model.attention_layers():
+            attn.kv_cache = None  # the old cache is freed before the new one is allocated
+            attn.kv_cache = make_kv_cache(num_blocks, self.cfg.block_size, self.model_cfg.num_kv_heads,
+                                          self.model_cfg.head_dim, getattr(torch, self.cfg.dtype), self.device,
+                                          attn.kv_spec)
+            self.caches.append(attn.kv_cache)
+
+    def _graph_memory(self) -> int:
+        """Bytes that capturing every decode bucket holds, measured by a trial capture over a
+        minimal cache (the graphs' memory depends on the batch shapes, not on the cache size; some
+        libraries keep per-capture workspaces, so it is measured rather than estimated)."""
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        trial = StaticDecode(self.model, self.cfg, self.device, capture=True)
+        trial.capture_all()
+        torch.cuda.synchronize(self.device)
+        used = torch.cuda.memory_allocated(self.device) - base
+        del trial
+        self._make_caches(0)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return used
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:

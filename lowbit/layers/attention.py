@@ -1,9 +1,10 @@
 """Causal attention over a flat token batch, reading/writing the paged KV cache.
 
 The cache object (`engine/kv_cache.py`) owns the storage format: it quantizes on `store` and
-dequantizes on `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches. Sequences
-with one new token run the cache's decode kernel together (when it has one); the others attend in
-torch, one sequence at a time, over what the cache hands back.
+dequantizes on `read` / `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches.
+Sequences with one new token run the cache's decode kernel together (when it has one); fresh prompts
+(nothing cached before them) attend together in one SDPA call over what the cache holds for them;
+chunks over a cached context attend one sequence at a time over what the cache hands back.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     # no materialized mask: a boolean one sends SDPA to its fp32 math path on CUDA (10x slower
     # than flash for a 1k prompt); the lower-right causal bias keeps the flash/efficient kernels
     causal = {"is_causal": True} if lq == lk else {"attn_mask": causal_lower_right(lq, lk)} if lq > 1 else {}
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), scale=scale,
-                                         **causal)
-    return out.transpose(0, 1)
+    # [1, H, L, D]: SDPA's fused kernels take only 4-D inputs (3-D ones always run the fp32 math path)
+    q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)[0].transpose(0, 1)
 
 
 def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
@@ -82,18 +83,14 @@ class Attention(nn.Module):
             rows, seqs = ctx.decode_rows, ctx.decode_index
             out[rows] = cache.decode(q[rows], ctx.block_tables[seqs], ctx.seq_lens[seqs], self.scale,
                                      ctx.max_seq_len)
-        skip = set(decodes or ())
+        if ctx.fresh_seqs:  # nothing cached before them: their own K/V as the cache holds them, one call
+            rows = ctx.fresh_rows
+            kf, vf = cache.read(ctx.slot_mapping[rows]) if cache.quantized else (k[rows], v[rows])
+            out[rows] = padded_causal_attention(q[rows], kf.to(q.dtype), vf.to(q.dtype), ctx.fresh_cu, self.scale)
+        done = set(decodes or ()) | set(ctx.fresh_seqs or ())
         for i in range(len(cu) - 1):
-            if i not in skip:
-                out[cu[i]:cu[i + 1]] = self._prefill(q, k, v, ctx, i)
+            if i not in done:  # a chunk over cached context (dequantized: the numbers decode sees)
+                s, e = cu[i], cu[i + 1]
+                ki, vi = cache.gather(ctx.block_tables[i], ctx.seq_lens_list[i])
+                out[s:e] = causal_attention(q[s:e], ki, vi, self.scale)
         return out
-
-    def _prefill(self, q, k, v, ctx: AttentionContext, i: int) -> torch.Tensor:
-        """Sequence i's new tokens over its cached context (dequantized: the numbers decode sees)."""
-        s, e = ctx.cu_seqlens_q_list[i], ctx.cu_seqlens_q_list[i + 1]
-        n = ctx.seq_lens_list[i]
-        if n == e - s and not self.kv_cache.quantized and k.dtype == self.kv_cache.dtype:
-            # nothing cached before: the cache holds exactly k, v
-            return causal_attention(q[s:e], k[s:e], v[s:e], self.scale)
-        ki, vi = self.kv_cache.gather(ctx.block_tables[i], n)
-        return causal_attention(q[s:e], ki, vi, self.scale)

@@ -17,8 +17,10 @@ class AttentionContext:
     cache-less pass (perplexity, calibration), where each sequence attends to its own tokens.
     decode_seqs: the sequences with exactly one new token (host list), which the decode kernel
     serves together; decode_index / decode_rows: the same sequences and their token rows as int64
-    device tensors (None when every sequence decodes). max_seq_len bounds seq_lens (it sets the
-    decode kernel's split: max_model_len under CUDA graphs).
+    device tensors (None when every sequence decodes). fresh_seqs: the sequences of several new
+    tokens with nothing cached before them, which attend together in one call; fresh_rows (int64,
+    device) their token rows, fresh_cu their offsets within those rows. max_seq_len bounds seq_lens
+    (it sets the decode kernel's split: max_model_len under CUDA graphs).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -31,6 +33,9 @@ class AttentionContext:
     decode_seqs: list[int] | None = None
     decode_index: torch.Tensor | None = None
     decode_rows: torch.Tensor | None = None
+    fresh_seqs: list[int] | None = None
+    fresh_rows: torch.Tensor | None = None
+    fresh_cu: list[int] | None = None
     max_seq_len: int | None = None
 
     @classmethod
