@@ -33,7 +33,7 @@ def test_sweep_writes_rows_and_rerenders(tmp_path, capsys):
     assert sorted(rows) == ["tiny__bf16__16x8.json", "tiny__hf__16x8.json", "tiny__w4a8kv4__16x8.json"]
     ours = rows["tiny__w4a8kv4__16x8.json"]
     assert (ours["num_requests"], ours["output_tokens"], ours["prompt_tokens"]) == (3, 24, 48)
-    assert ours["seqs_in_cache"] > 3 and ours["engine"]["max_num_seqs"] == 512 and ours["env"]["torch"]
+    assert ours["seqs_in_cache"] > 3 and ours["engine"]["max_num_seqs"] == 2048 and ours["env"]["torch"]
     assert rows["tiny__hf__16x8.json"]["output_tokens"] == 16
     table = capsys.readouterr().out.split("\n\n", 1)[1]
     assert "| tiny | 16/8 | `w4a8kv4` | 3 |" in table and "HF transformers (float32)" in table

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 from lowbit import LLM, SamplingParams  # noqa: E402
 from lowbit.engine.kv_cache import (KernelKVCache, PagedKVCache, QuantizedPagedKVCache,  # noqa: E402
                                     kv_cache_class, make_kv_cache)
+from lowbit.engine import model_runner  # noqa: E402
 from lowbit.engine.model_runner import HostBatch, StaticDecode, decode_buckets, prepare_inputs  # noqa: E402
 from lowbit.kernels import paged_attention, testing  # noqa: E402
 from lowbit.layers.attention import causal_attention  # noqa: E402
@@ -116,6 +117,7 @@ def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
 def test_decode_buckets():
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert decode_buckets(20) == [1, 2, 4, 8, 16, 24] and decode_buckets(1) == [1] and decode_buckets(3) == [1, 2, 4]
+    assert decode_buckets(2048)[-3:] == [496, 504, 512]  # larger decode batches run eagerly
 
 
 def _prompts(g, n, longest=29, vocab=1024):
@@ -174,6 +176,18 @@ def test_engine_on_kernel_caches_matches_the_torch_path():
     fast = _generate(llm, prompts)
     _set_caches(llm, QuantizedPagedKVCache, KVSpec(4))  # the same numbers without the kernel layout
     assert fast == _generate(llm, prompts)
+
+
+def test_decode_batches_above_the_graph_cap_run_eagerly(monkeypatch):
+    monkeypatch.setattr(model_runner, "MAX_GRAPH_BATCH", 4)
+    prompts = _prompts(testing.gen(), 10)
+    llm = _llm("cpu", recipe="w4a8kv4")
+    runner = llm.engine.runner
+    runner.static_decode = StaticDecode(llm.model, runner.cfg, runner.device, capture=False)
+    assert runner.static_decode.max_batch == 4
+    got = _generate(llm, prompts)  # decode batches of 10: eager (no bucket holds them)
+    runner.static_decode = None
+    assert got == _generate(llm, prompts)
 
 
 def _set_caches(llm, cls, spec):

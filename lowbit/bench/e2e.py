@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decode batch up to N are compiled (default: 96; 0: none)")
     p.add_argument("--seed", type=int, default=0, help="first seed of the prompt token ids (default: 0)")
     g = p.add_argument_group("our engine (EngineConfig's names)")
-    g.add_argument("--max-num-seqs", type=int, default=512, metavar="N", help="(default: 512)")
+    g.add_argument("--max-num-seqs", type=int, default=2048, metavar="N",
+                   help="(default: 2048: the KV cache, not this cap, bounds the batch of every recipe)")
     g.add_argument("--max-num-batched-tokens", type=int, default=16384, metavar="N", help="(default: 16384)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F", help="(default: 0.9)")
     g.add_argument("--block-size", type=int, default=16, metavar="N", help="(default: 16)")

@@ -25,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--num-prompts", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--time-limit-s", type=float, default=60.0, help="stop the timed run after this long")
     p.add_argument("--trace-steps", type=int, default=3, help="steps of each kind under torch.profiler")

@@ -22,6 +22,7 @@ from lowbit.layers.context import AttentionContext
 from lowbit.layers.sampler import TokenLogprob, sample
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
+MAX_GRAPH_BATCH = 512  # the largest decode batch captured as a CUDA graph (vLLM's default too)
 ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, the CUDA graphs' pool
 
 
@@ -145,9 +146,11 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
 
 
 def decode_buckets(max_num_seqs: int) -> list[int]:
-    """Padded decode batch sizes, as vLLM: 1, 2, 4, 8, then multiples of 8, the last >= max_num_seqs."""
-    sizes = [1, 2, 4] + list(range(8, max_num_seqs + 8, 8))
-    return [s for s in sizes if s < max_num_seqs] + [next(s for s in sizes if s >= max_num_seqs)]
+    """Padded decode batch sizes, as vLLM: 1, 2, 4, 8, then multiples of 8, the last >= max_num_seqs,
+    none above MAX_GRAPH_BATCH (larger decode batches run eagerly: their GPU time dwarfs the launches)."""
+    n = min(max_num_seqs, MAX_GRAPH_BATCH)
+    sizes = [1, 2, 4] + list(range(8, n + 8, 8))
+    return [s for s in sizes if s < n] + [next(s for s in sizes if s >= n)]
 
 
 class StaticDecode:
