@@ -126,7 +126,10 @@ def test_acc_and_acc_norm_choose_differently(tiny):
     assert short > long and short / len(choices[0]) < long / len(choices[1])
     task = Task("toy", MULTIPLE_CHOICE, ("acc", "acc_norm"), [choice_item(context, choices, gold=1)])
     report = score_tasks(model, tok, [task], progress=False)
-    assert report["tasks"]["toy"] == {"acc": 0.0, "acc_norm": 1.0, "samples": 1}
+    # one item: no sample standard deviation, so no stderr (the harness would divide by n - 1 = 0)
+    assert report["tasks"]["toy"] == {"acc": 0.0, "acc_stderr": None, "acc_norm": 1.0, "acc_norm_stderr": None,
+                                      "samples": 1}
+    assert report["average_acc_stderr"] is None
     assert report["average_acc"] == 0.0
 
 
@@ -140,15 +143,19 @@ def test_multiple_choice_and_lambada_metrics(tiny):
     report = score_tasks(model, tok, [mc, lam], batch_size=3, progress=False)
     wino = [ref_score(ref, *encode_pair(tok, *r))[0] for r in mc.items[0].requests]
     assert wino[0] != wino[1]
-    assert report["tasks"]["mc"] == {"acc": 0.5, "samples": 2}  # the same pair, once right and once wrong
+    # the same pair, once right and once wrong: outcomes (1, 0), sample stddev sqrt(0.5), stderr 0.5
+    assert report["tasks"]["mc"] == {"acc": 0.5, "acc_stderr": pytest.approx(0.5), "samples": 2}
     scores = [ref_score(ref, *encode_pair(tok, *item.requests[0])) for item in lam.items]
-    want = {"acc": sum(g for _, g in scores) / 2, "perplexity": math.exp(-sum(ll for ll, _ in scores) / 2),
-            "samples": 2}
+    acc = sum(g for _, g in scores) / 2
+    want = {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc)),  # sqrt(acc (1 - acc) / (n - 1)), n = 2
+            "perplexity": math.exp(-sum(ll for ll, _ in scores) / 2), "samples": 2}
     assert report["tasks"]["lam"] == pytest.approx(want, rel=1e-5)
     assert report["average_acc"] == pytest.approx((0.5 + want["acc"]) / 2)
+    assert report["average_acc_stderr"] == pytest.approx(math.hypot(0.5, want["acc_stderr"]) / 2)
     # metrics from given results, ties resolved to the first choice as numpy's argmax does
     tie = Task("t", MULTIPLE_CHOICE, ("acc", "acc_norm"), [choice_item("c", ["ab", "cd"], gold=0)])
-    assert task_metrics(tie, [[(-1.0, False), (-1.0, False)]]) == {"acc": 1.0, "acc_norm": 1.0, "samples": 1}
+    assert task_metrics(tie, [[(-1.0, False), (-1.0, False)]]) == {"acc": 1.0, "acc_stderr": None, "acc_norm": 1.0,
+                                                                   "acc_norm_stderr": None, "samples": 1}
 
 
 def test_evaluate_shipped_tasks(tiny):
@@ -157,7 +164,8 @@ def test_evaluate_shipped_tasks(tiny):
     assert list(report["tasks"]) == list(TASKS)  # the alias is the same task, evaluated once
     for name, metrics in report["tasks"].items():
         assert metrics["samples"] == 1
-        assert set(metrics) == {*TASKS[name].metrics, "samples"}
+        stderrs = {f"{m}_stderr" for m in TASKS[name].metrics if m != "perplexity"}
+        assert set(metrics) == {*TASKS[name].metrics, *stderrs, "samples"}
         assert 0 <= metrics["acc"] <= 1
     assert report["average_acc"] == pytest.approx(sum(m["acc"] for m in report["tasks"].values()) / len(TASKS))
     with pytest.raises(LowbitError, match="no tasks"):

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from lowbit.eval.agreement import kl_agreement
-from lowbit.eval.harness import evaluate_tasks
+from lowbit.eval.harness import acc_stderr, difference_in_stderrs, evaluate_tasks, mean_of_means_stderr
+from lowbit.eval.tasks import load_task
 from lowbit.eval.perplexity import dataset_tokens, perplexity
 from lowbit.models.loader import build_model, load_model_files
 from lowbit.quant.quantize import quantize_loaded
@@ -95,6 +96,7 @@ def measure(args) -> None:
             res["tasks"] = evaluate_tasks(model, files.tokenizer, TASKS, args.task_limit, batch_size=32,
                                           progress=False)
             res["tasks_s"] = round(time.time() - t2, 1)
+            res["task_limit"] = args.task_limit
         (out / f"{name}.json").write_text(json.dumps(res, indent=1))
         avg = res.get("tasks", {}).get("average_acc")
         kl = res.get("agreement", {}).get("kl_mean")
@@ -133,6 +135,22 @@ def _commit(r: dict) -> str:
     return r["commit"] if r["commit"] not in ("unknown", "HEAD") else "unrecorded"
 
 
+def _pm(value: float, se: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+
+def task_stats(r: dict) -> tuple[dict[str, tuple[float, float | None]], tuple[float, float | None]]:
+    """({task: (acc, stderr)}, (average acc, its stderr)) of one results JSON. Each task's item count is
+    its recorded `samples`; a file without it gets the count from the shipped task data and the
+    recorded `task_limit` (none: the full set)."""
+    per_task = {}
+    for task, m in r["tasks"]["tasks"].items():
+        n = m.get("samples") or len(load_task(task, r.get("task_limit")).items)
+        per_task[task] = (m["acc"], acc_stderr(m["acc"], n))
+    avg = sum(acc for acc, _ in per_task.values()) / len(per_task)
+    return per_task, (avg, mean_of_means_stderr([se for _, se in per_task.values()]))
+
+
 def render(results_dir: Path) -> str:
     res = _load(results_dir)
     base = res["bf16"]
@@ -163,19 +181,31 @@ def render(results_dir: Path) -> str:
                      f"{rtn_ppl} | {goal} | {met} | {kl or ' | '} | {r['calib']} | {r['quantize_s']} | {_commit(r)} |")
     with_tasks = [r for r in ROWS if r in res and "tasks" in res[r]]
     if with_tasks:
+        stats = {name: task_stats(res[name]) for name in with_tasks}
         lines += ["", "Zero-shot accuracy (full task sets, scored as lm-evaluation-harness; acc_norm in brackets "
-                      "where the harness reports it):", "",
-                  "| recipe | " + " | ".join(TASKS) + " | average acc | tasks s |",
-                  "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- |"]
+                      "where the harness reports it). ± is one standard error, the harness's `acc_stderr` "
+                      "(sqrt(acc (1 - acc) / (n - 1)) over a task's n items); the average's is that of an "
+                      "unweighted mean of independent task accuracies, sqrt(sum of se²) / "
+                      f"{len(TASKS)}. vs RTN (avg): the recipe's average minus its RTN baseline's, and that "
+                      "difference in combined standard errors, sqrt(se_a² + se_b²). Both are scored on the same "
+                      "items, so treating them as independent overstates the noise of the difference.", "",
+                  "| recipe | " + " | ".join(TASKS) + " | average acc | vs RTN (avg) | tasks s |",
+                  "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- | --- |"]
         for name in with_tasks:
             r = res[name]
+            per_task, (avg, avg_se) = stats[name]
             cells = []
             for task in TASKS:
                 m = r["tasks"]["tasks"][task]
                 extra = f" [{m['acc_norm']:.3f}]" if "acc_norm" in m else (
                     f" (ppl {m['perplexity']:.1f})" if "perplexity" in m else "")
-                cells.append(f"{m['acc']:.3f}{extra}")
-            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {r['tasks']['average_acc']:.4f} | {r['tasks_s']} |")
+                cells.append(f"{_pm(*per_task[task], 3)}{extra}")
+            vs = ""
+            if f"rtn-{name}" in stats:
+                rtn_avg, rtn_se = stats[f"rtn-{name}"][1]
+                z = difference_in_stderrs(avg, avg_se, rtn_avg, rtn_se)
+                vs = f"{avg - rtn_avg:+.4f}" + ("" if z is None else f" ({z:+.1f} se)")
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pm(avg, avg_se, 4)} | {vs} | {r['tasks_s']} |")
     variants = [v for v in VARIANTS if v in res]
     if variants:
         lines += ["", "What else was tried (one change to a recipe each; same data and scoring; KL and the task "
@@ -211,17 +241,22 @@ def plot(results_dir: Path, png_dir: Path) -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name in rows:
             r = res[name]
-            y = r["ppl"] if key == "ppl" else r.get("tasks", {}).get("average_acc")
-            if y is None:
+            if key == "ppl":
+                y, yerr = r["ppl"], None
+            elif "tasks" in r:
+                y, yerr = task_stats(r)[1]
+            else:
                 continue
             rtn = name.startswith("rtn-")
-            ax.scatter(r["bits_per_weight"], y, marker="x" if rtn else "o", color="gray" if rtn else "C0")
+            ax.errorbar(r["bits_per_weight"], y, yerr=yerr, fmt="x" if rtn else "o", color="gray" if rtn else "C0",
+                        capsize=3)
             ax.annotate(name, (r["bits_per_weight"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if key == "ppl":
             ax.set_yscale("log")
         ax.set_xlabel("stored bits per weight (decoder linears)")
         ax.set_ylabel(label)
-        ax.set_title(f"smollm2-135m: {label.split(' (')[0]} vs bits (o calibrated, x RTN)")
+        ax.set_title(f"smollm2-135m: {label.split(' (')[0]} vs bits (o calibrated, x RTN"
+                     + ("" if key == "ppl" else "; bars: 1 stderr") + ")")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(png_dir / fname, dpi=120)

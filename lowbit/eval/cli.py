@@ -94,10 +94,13 @@ def render(result: dict) -> str:
         p = result["perplexity"]
         lines.append(f"{p['dataset']} perplexity {p['ppl']:.4f} ({p['windows']} windows x {p['ctx']} tokens)")
     if "tasks" in result:
+        pm = lambda se: "" if se is None else f" ± {se:.4f}"  # noqa: E731
         for name, m in result["tasks"]["tasks"].items():
-            extra = "".join(f"  {k} {v:.4f}" for k, v in m.items() if k not in ("acc", "samples"))
-            lines.append(f"{name:15s} acc {m['acc']:.4f}{extra}  (n={m['samples']})")
-        lines.append(f"{'average':15s} acc {result['tasks']['average_acc']:.4f}")
+            extra = "".join(f"  {k} {v:.4f}{pm(m.get(k + '_stderr'))}" for k, v in m.items()
+                            if k not in ("acc", "samples") and not k.endswith("_stderr"))
+            lines.append(f"{name:15s} acc {m['acc']:.4f}{pm(m.get('acc_stderr'))}{extra}  (n={m['samples']})")
+        lines.append(f"{'average':15s} acc {result['tasks']['average_acc']:.4f}"
+                     f"{pm(result['tasks'].get('average_acc_stderr'))}")
     if "agreement" in result:
         a = result["agreement"]
         lines.append(f"KL mean {a['kl_mean']:.5f}  p99 {a['kl_p99']:.5f}  max {a['kl_max']:.4f}  "

@@ -9,6 +9,9 @@ Metrics (per task): `acc` is the share of items whose right choice has the highe
 log-likelihood; `acc_norm` divides each log-likelihood by its choice's length in characters first
 (the harness's definition); for LAMBADA, `acc` is the share whose last word is the greedy
 continuation and `perplexity` is exp of the mean negative log-likelihood of the last word.
+`acc_stderr` (and `acc_norm_stderr`) is the harness's standard error of a mean of 0/1 outcomes, the
+sample standard deviation over sqrt(n): sqrt(acc * (1 - acc) / (n - 1)); `average_acc_stderr` that of
+the unweighted mean of the tasks' accuracies, sqrt(sum of their squared stderrs) / number of tasks.
 """
 from __future__ import annotations
 
@@ -120,6 +123,31 @@ def loglikelihood(model, tokenizer, requests: list[tuple[str, str]], batch_size:
     return loglikelihood_tokens(model, pairs, batch_size, progress)
 
 
+def acc_stderr(acc: float, n: int) -> float | None:
+    """Standard error of a mean of n 0/1 outcomes whose mean is `acc`, as lm-evaluation-harness computes
+    `acc_stderr` (sample stddev / sqrt(n) = sqrt(acc * (1 - acc) / (n - 1))); None below 2 items."""
+    if not 0 <= acc <= 1:
+        raise ValueError(f"accuracy must be in [0, 1], got {acc}")
+    return None if n < 2 else math.sqrt(acc * (1 - acc) / (n - 1))
+
+
+def mean_of_means_stderr(stderrs: list[float | None]) -> float | None:
+    """Standard error of the unweighted mean of independent estimates: sqrt(sum se_i^2) / len."""
+    if not stderrs:
+        raise ValueError("no standard errors to combine")
+    if any(se is None for se in stderrs):
+        return None
+    return math.sqrt(sum(se * se for se in stderrs)) / len(stderrs)
+
+
+def difference_in_stderrs(a: float, se_a: float | None, b: float, se_b: float | None) -> float | None:
+    """(a - b) / sqrt(se_a^2 + se_b^2): how many combined standard errors apart two estimates are
+    (treated as independent; None without both errors, or when both are 0)."""
+    if se_a is None or se_b is None or se_a == se_b == 0:
+        return None
+    return (a - b) / math.hypot(se_a, se_b)
+
+
 def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)  # first of equals, like numpy
 
@@ -129,18 +157,21 @@ def task_metrics(task: Task, results: list[list[tuple[float, bool]]]) -> dict:
     n = len(task.items)
     if task.output_type == LOGLIKELIHOOD:
         lls, greedy = zip(*(r[0] for r in results))
-        return {"acc": sum(greedy) / n, "perplexity": math.exp(-sum(lls) / n), "samples": n}
+        acc = sum(greedy) / n
+        return {"acc": acc, "acc_stderr": acc_stderr(acc, n), "perplexity": math.exp(-sum(lls) / n), "samples": n}
     lls = [[ll for ll, _ in res] for res in results]
-    out = {"acc": sum(_argmax(ll) == item.gold for ll, item in zip(lls, task.items)) / n}
+    acc = sum(_argmax(ll) == item.gold for ll, item in zip(lls, task.items)) / n
+    out = {"acc": acc, "acc_stderr": acc_stderr(acc, n)}
     if "acc_norm" in task.metrics:
-        out["acc_norm"] = sum(
-            _argmax([x / len(c) for x, c in zip(ll, item.choices, strict=True)]) == item.gold
-            for ll, item in zip(lls, task.items)) / n
+        norm = sum(_argmax([x / len(c) for x, c in zip(ll, item.choices, strict=True)]) == item.gold
+                   for ll, item in zip(lls, task.items)) / n
+        out.update(acc_norm=norm, acc_norm_stderr=acc_stderr(norm, n))
     return {**out, "samples": n}
 
 
 def score_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 8, progress: bool = True) -> dict:
-    """-> {"tasks": {name: metrics}, "average_acc": mean of the tasks' `acc`}; one pass over all requests."""
+    """-> {"tasks": {name: metrics}, "average_acc": mean of the tasks' `acc`, "average_acc_stderr": its
+    standard error}; one pass over all requests."""
     if not tasks:
         raise LowbitError("no tasks to evaluate")
     requests = [r for task in tasks for item in task.items for r in item.requests]
@@ -149,7 +180,8 @@ def score_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 8, progre
     for task in tasks:
         results = [[next(flat) for _ in item.requests] for item in task.items]
         report[task.name] = task_metrics(task, results)
-    return {"tasks": report, "average_acc": sum(m["acc"] for m in report.values()) / len(report)}
+    return {"tasks": report, "average_acc": sum(m["acc"] for m in report.values()) / len(report),
+            "average_acc_stderr": mean_of_means_stderr([m["acc_stderr"] for m in report.values()])}
 
 
 def evaluate_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8,

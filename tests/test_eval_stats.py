@@ -1,0 +1,73 @@
+"""Standard errors of the zero-shot accuracies (lm-evaluation-harness's `acc_stderr`) and the accuracy
+table's ± and vs-RTN columns, on numbers worked out by hand."""
+import json
+import math
+import statistics
+
+import pytest
+
+from lowbit.eval.accuracy_table import TASKS, render, task_stats
+from lowbit.eval.harness import acc_stderr, difference_in_stderrs, mean_of_means_stderr
+
+
+def test_acc_stderr_by_hand():
+    assert acc_stderr(0.5, 101) == pytest.approx(0.05)  # sqrt(0.25 / 100)
+    assert acc_stderr(0.8, 17) == pytest.approx(0.1)  # sqrt(0.16 / 16)
+    assert acc_stderr(0.75, 4) == pytest.approx(0.25)  # sqrt(0.1875 / 3) = sqrt(1 / 16)
+    assert acc_stderr(0.0, 10) == 0.0 and acc_stderr(1.0, 10) == 0.0
+    assert acc_stderr(1.0, 1) is None  # one item: no sample standard deviation
+    with pytest.raises(ValueError):
+        acc_stderr(1.5, 10)
+
+
+def test_acc_stderr_is_the_sample_stderr_of_the_mean():
+    # the harness: mean_stderr(arr) = sample_stddev(arr) / sqrt(len(arr)), on the items' 0/1 outcomes
+    outcomes = [1] * 7 + [0] * 13
+    want = statistics.stdev(outcomes) / math.sqrt(len(outcomes))
+    assert acc_stderr(sum(outcomes) / len(outcomes), len(outcomes)) == pytest.approx(want, rel=1e-12)
+    assert acc_stderr(0.35, 20) != pytest.approx(math.sqrt(0.35 * 0.65 / 20))  # not the population form
+
+
+def test_mean_of_means_and_difference_by_hand():
+    assert mean_of_means_stderr([0.03, 0.04]) == pytest.approx(0.025)  # sqrt(0.0009 + 0.0016) / 2
+    assert mean_of_means_stderr([0.02] * 4) == pytest.approx(0.01)  # sqrt(4 * 0.0004) / 4
+    assert mean_of_means_stderr([0.03, None]) is None
+    with pytest.raises(ValueError):
+        mean_of_means_stderr([])
+    assert difference_in_stderrs(0.45, 0.03, 0.40, 0.04) == pytest.approx(1.0)  # 0.05 / 0.05
+    assert difference_in_stderrs(0.40, 0.03, 0.45, 0.04) == pytest.approx(-1.0)
+    assert difference_in_stderrs(0.4, None, 0.3, 0.01) is None
+    assert difference_in_stderrs(0.4, 0.0, 0.3, 0.0) is None
+
+
+def _result(name: str, accs: list[float], n: int | None = 100) -> dict:
+    tasks = {t: {"acc": a, **({} if n is None else {"samples": n})} for t, a in zip(TASKS, accs)}
+    return {"recipe": name, "bits": "w4a16", "bits_per_weight": 4.34, "ppl": 30.0, "calib": "-", "quantize_s": 1.0,
+            "device": "cpu", "date": "2026-01-01", "commit": "abc1234", "windows": 1, "ctx": 8, "tokens": 8,
+            "tasks": {"tasks": tasks, "average_acc": sum(accs) / len(accs)}, "tasks_s": 1.0}
+
+
+def test_table_shows_stderr_and_difference_to_rtn(tmp_path):
+    # every task at 0.5 over n = 101 items: stderr 0.05 each, the average's sqrt(6 * 0.0025) / 6
+    for name, accs in (("bf16", [0.5] * 6), ("w4a16", [0.5] * 6), ("rtn-w4a16", [0.5] * 5 + [0.5 - 6 * 0.02])):
+        r = _result(name, accs, n=101)
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    se = math.sqrt(6 * 0.05 ** 2) / 6
+    text = render(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| `w4a16` |") and "±" in line)
+    assert row.count("0.500 ± 0.050") == 6
+    assert f"0.5000 ± {se:.4f}" in row
+    # averages 0.5 and 0.48, each average's stderr about 0.0204: +0.0200 apart, 0.02 / (0.0204 * sqrt 2) ~ 0.7
+    rtn_se = task_stats(_result("rtn-w4a16", [0.5] * 5 + [0.38], n=101))[1][1]
+    z = 0.02 / math.hypot(se, rtn_se)
+    assert f"| +0.0200 ({z:+.1f} se) |" in row
+    rtn_row = next(line for line in text.splitlines() if line.startswith("| `rtn-w4a16` |") and "±" in line)
+    assert "se)" not in rtn_row
+
+
+def test_item_count_from_the_shipped_data_when_not_recorded():
+    # older results files: n from the task files (full sets unless a task_limit was recorded)
+    per_task, _ = task_stats(_result("bf16", [0.5] * 6, n=None))
+    assert per_task["piqa"][1] == pytest.approx(math.sqrt(0.25 / 1837))  # 1838 PIQA validation items
+    limited = {**_result("bf16", [0.5] * 6, n=None), "task_limit": 5}
+    assert task_stats(limited)[0]["boolq"][1] == pytest.approx(math.sqrt(0.25 / 4))
