@@ -256,7 +256,7 @@ def plot(results_dir: Path, png_dir: Path) -> None:
         ax.set_xlabel("stored bits per weight (decoder linears)")
         ax.set_ylabel(label)
         ax.set_title(f"smollm2-135m: {label.split(' (')[0]} vs bits (o calibrated, x RTN"
-                     + ("" if key == "ppl" else "; bars: 1 stderr") + ")")
+                     + ("" if key == "ppl" else "; bars ± 1 stderr") + ")", fontsize=10)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(png_dir / fname, dpi=120)
