@@ -79,3 +79,15 @@ def test_generation_stops_at_context_end(tiny_dir):
     llm = LLM(model=str(tiny_dir("llama3")), device="cpu", max_model_len=32)
     out = llm.generate([[5] * 20], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0].outputs[0]
     assert len(out.token_ids) == 12 and out.finish_reason == "length"
+
+
+def test_streamed_requests_report_every_step_offline_ones_only_when_done(tiny_dir, prompts):
+    eng = LLM(model=str(tiny_dir("llama3")), device="cpu").engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    eng.add_request(prompts[0], params, request_id="s")
+    eng.add_request(prompts[1], params, request_id="o", stream=False)
+    seen = []
+    while eng.has_unfinished_requests():
+        seen += [(o.request_id, len(o.outputs[0].token_ids), o.finished) for o in eng.step()]
+    assert [s for s in seen if s[0] == "s"] == [("s", 1, False), ("s", 2, False), ("s", 3, True)]
+    assert [s for s in seen if s[0] == "o"] == [("o", 3, True)]

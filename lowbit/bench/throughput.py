@@ -40,24 +40,29 @@ def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True, tim
         raise LowbitError(f"a request needs {longest} tokens, more than max_model_len "
                           f"{engine.cfg.max_model_len}: lower --input-len/--output-len or raise --max-model-len")
     start = time.perf_counter()
-    ids = [engine.add_request(p, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=ignore_eos))
+    ids = [engine.add_request(p, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=ignore_eos), stream=False)
            for p, n in requests]
-    latest = {}  # request id -> its last output
+    done = []  # finished outputs
+    prompt_tokens = output_tokens = 0  # of requests cut off by the time limit
     capped = False
     with tqdm(total=len(ids), desc=desc) as bar:
         while engine.has_unfinished_requests():
             if time_limit_s is not None and time.perf_counter() - start > time_limit_s:
                 capped = True
                 for rid in ids:
+                    req = engine.requests.get(rid)
+                    if req is not None and any(s.num_output_tokens for s in req.seqs):
+                        prompt_tokens += len(req.prompt_ids)
+                        output_tokens += sum(s.num_output_tokens for s in req.seqs)
                     engine.abort_request(rid)
                 break
-            for out in engine.step():
-                latest[out.request_id] = out
-                bar.update(out.finished)
+            outs = engine.step()
+            done += outs
+            bar.update(len(outs))
     elapsed = time.perf_counter() - start
-    return summary(elapsed, num_requests=sum(o.finished for o in latest.values()),
-                   prompt_tokens=sum(len(o.prompt_token_ids) for o in latest.values()),
-                   output_tokens=sum(len(c.token_ids) for o in latest.values() for c in o.outputs), capped=capped)
+    return summary(elapsed, num_requests=len(done),
+                   prompt_tokens=prompt_tokens + sum(len(o.prompt_token_ids) for o in done),
+                   output_tokens=output_tokens + sum(len(c.token_ids) for o in done for c in o.outputs), capped=capped)
 
 
 def summary(elapsed: float, num_requests: int, prompt_tokens: int, output_tokens: int, capped: bool) -> dict:

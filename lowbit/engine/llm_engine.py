@@ -16,9 +16,10 @@ from lowbit.sampling_params import SamplingParams
 
 class _Request:
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], seqs: list[Sequence],
-                 detokenizers: list[IncrementalDetokenizer | None]):
+                 detokenizers: list[IncrementalDetokenizer | None], stream: bool):
         self.request_id, self.prompt, self.prompt_ids, self.seqs = request_id, prompt, prompt_ids, seqs
         self.detokenizers = detokenizers  # one per sequence; None without a tokenizer (no text)
+        self.stream = stream  # an output every step it moves, or only when finished
 
     @property
     def finished(self) -> bool:
@@ -41,7 +42,10 @@ class LLMEngine:
         self._ids = itertools.count()
 
     # --- requests ---------------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                    stream: bool = True) -> str:
+        """Queue a request; `step` returns its output every step it moves (`stream`) or only once it
+        has finished (offline use: no per-step copies of every running request's tokens)."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise LowbitError(f"request id {request_id!r} is already in use")
@@ -65,7 +69,7 @@ class LLMEngine:
         ]
         detokenizers = [None if self.tokenizer is None else
                         IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) for _ in seqs]
-        self.requests[request_id] = _Request(request_id, text, ids, seqs, detokenizers)
+        self.requests[request_id] = _Request(request_id, text, ids, seqs, detokenizers, stream)
         for s in seqs:
             self.scheduler.add(s)
         return request_id
@@ -94,12 +98,13 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_tokens
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             self._append(seq, tok, lp)
-        touched = {s.request_id for s in sampled}
         outs = []
-        for rid in touched:
+        for rid in {s.request_id for s in sampled}:
             req = self.requests[rid]
-            outs.append(self._output(req))
-            if req.finished:
+            finished = req.finished
+            if finished or req.stream:
+                outs.append(self._output(req, finished))
+            if finished:
                 del self.requests[rid]
         return outs
 
@@ -126,10 +131,10 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request, finished: bool) -> RequestOutput:
         outs = [
             CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason,
                              list(s.output_logprobs) if s.params.logprobs is not None else None)
             for s in req.seqs
         ]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished)
