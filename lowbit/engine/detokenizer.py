@@ -13,6 +13,10 @@ from __future__ import annotations
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer, self.skip_special_tokens = tokenizer, skip_special_tokens
+        # transformers' decode is its Rust backend's plus argument conversion (a few us a call, two
+        # calls per token per step) and an optional clean-up pass: without that pass, call the backend
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", True) else backend
         self.ids: list[int] = []
         self.prefix_offset = self.read_offset = 0
         self.stable = ""  # the text of ids[:read_offset]: final
@@ -35,4 +39,7 @@ class IncrementalDetokenizer:
         return self.text
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens) if ids else ""
+        if not ids:
+            return ""
+        decode = self.tokenizer.decode if self._backend is None else self._backend.decode
+        return decode(ids, skip_special_tokens=self.skip_special_tokens)
