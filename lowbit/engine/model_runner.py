@@ -226,6 +226,8 @@ class ModelRunner:
     def __init__(self, model, model_cfg: ModelConfig, cfg: EngineConfig):
         self.model, self.model_cfg, self.cfg = model, model_cfg, cfg
         self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            model.fuse_projections()  # the CPU keeps the reference path of each projection
         graphs = False
         if self.device.type == "cuda" and not cfg.enforce_eager:
             self._make_caches(cdiv(cfg.max_model_len, cfg.block_size))  # the least the graphs' buffers address

@@ -47,6 +47,21 @@ class W4A8Weight:
     def n(self) -> int:
         return self.qweight.shape[0]
 
+    @staticmethod
+    def cat(parts: list["W4A8Weight"]) -> "W4A8Weight":
+        """One weight whose output channels are the parts' in order (every tensor is per channel)."""
+        grouped = parts[0].s2 is not None
+        if any(p.k != parts[0].k or (p.s2 is not None) != grouped for p in parts):
+            raise ValueError("W4A8 weights of different K or format")
+        groups = (lambda name: torch.cat([getattr(p, name) for p in parts], 1)) if grouped else (lambda name: None)
+        return W4A8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.s1 for p in parts]),
+                          groups("s2"), groups("z2"), parts[0].k)
+
+    def rows(self, start: int, stop: int, part: "W4A8Weight") -> "W4A8Weight":
+        """Output channels [start, stop) as views of this weight (`part`'s own group scales kept: they
+        are small and a column slice of the group-major ones would not be contiguous)."""
+        return W4A8Weight(self.qweight[start:stop], self.s1[start:stop], part.s2, part.z2, self.k)
+
 
 def prepare_w4a8(qweight: torch.Tensor, k: int, s1: torch.Tensor, s2: torch.Tensor | None = None,
                  z2: torch.Tensor | None = None, group: int = 128) -> W4A8Weight:

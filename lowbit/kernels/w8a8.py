@@ -28,6 +28,17 @@ class W8A8Weight:
     def n(self) -> int:
         return self.qweight.shape[0]
 
+    @staticmethod
+    def cat(parts: list["W8A8Weight"]) -> "W8A8Weight":
+        """One weight whose output channels are the parts' in order."""
+        if len({(p.qweight.dtype, p.qweight.shape[1]) for p in parts}) != 1:
+            raise ValueError("W8A8 weights of different K or dtype")
+        return W8A8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def rows(self, start: int, stop: int, part: "W8A8Weight") -> "W8A8Weight":
+        """Output channels [start, stop) as views of this weight."""
+        return W8A8Weight(self.qweight[start:stop], self.scale[start:stop])
+
 
 def prepare_w8a8(qweight: torch.Tensor, scale: torch.Tensor) -> W8A8Weight:
     """The canonical layout is the kernel's: row-major codes and fp32 channel scales."""

@@ -5,6 +5,8 @@ reference path (torch) and the kernels sit behind that one call, so the model ne
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,3 +33,44 @@ class Linear(nn.Module):
     def extra_repr(self) -> str:
         fmt = type(self.quant_method).__name__ if self.quant_method is not None else "fp"
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, format={fmt}"
+
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """One Linear whose output is the concatenation of `parts`' outputs on the same input (q/k/v,
+    gate/up): one activation quantization and one GEMM instead of several. For 16-bit weights, and
+    for quantized ones that all run one kernel format; None for anything else (the reference path
+    stays as it is). The parts' weights become views of the fused one, so nothing is held twice."""
+    first = parts[0]
+    if len(parts) < 2 or any(p.online_hadamard != first.online_hadamard or p.in_features != first.in_features
+                             or (p.bias is None) != (first.bias is None) for p in parts):
+        return None
+    methods = [p.quant_method for p in parts]
+    if all(m is None for m in methods):
+        if len({(p.weight.dtype, p.weight.device) for p in parts}) != 1 or first.weight.numel() == 0:
+            return None
+        weight, kernel = torch.cat([p.weight for p in parts]), None
+    elif all(m is not None and m.kernel is not None for m in methods):
+        if len({type(m.kernel) for m in methods}) != 1 or any(m.activation != methods[0].activation for m in methods):
+            return None
+        weight, kernel = first.weight.new_empty(0), type(methods[0].kernel).cat([m.kernel for m in methods])
+    else:
+        return None
+    with torch.device("meta"):  # every parameter is replaced below
+        fused = Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.online_hadamard = first.online_hadamard
+    if first.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    if kernel is not None:
+        fused.quant_method = replace(methods[0], weight=None, kernel=kernel)
+    start = 0
+    for p in parts:
+        stop = start + p.out_features
+        if kernel is None:
+            p.weight = nn.Parameter(weight[start:stop], requires_grad=False)
+        else:
+            p.quant_method.kernel = kernel.rows(start, stop, p.quant_method.kernel)
+        if p.bias is not None:
+            p.bias = nn.Parameter(fused.bias[start:stop], requires_grad=False)
+        start = stop
+    return fused

@@ -12,7 +12,7 @@ from torch import nn
 from lowbit.config import ModelConfig
 from lowbit.layers.attention import Attention
 from lowbit.layers.context import AttentionContext
-from lowbit.layers.linear import Linear
+from lowbit.layers.linear import Linear, fuse_linears
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding
 
@@ -31,12 +31,15 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(d, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(cfg.num_heads, cfg.num_kv_heads, d)
+        self.qkv = None  # q/k/v as one Linear (`LlamaForCausalLM.fuse_projections`)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        t, d = x.shape[0], self.head_dim
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(t, self.num_heads, d), k.view(t, self.num_kv_heads, d), v.view(t, self.num_kv_heads, d)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
@@ -50,9 +53,11 @@ class LlamaMLP(nn.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up = None  # gate/up as one Linear (`LlamaForCausalLM.fuse_projections`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x).chunk(2, -1) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,6 +99,15 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         """Hidden states `[T, hidden]` for a flat batch of tokens."""
         return self.model(input_ids, positions, ctx)
+
+    def fuse_projections(self) -> None:
+        """Serve q/k/v and gate/up as one Linear each where their formats allow (`fuse_linears`).
+        The fused Linears are kept out of the module tree: the parts stay the parameters of record
+        (state dict, checkpoints, quantization) and now view the fused weights."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            object.__setattr__(attn, "qkv", fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
+            object.__setattr__(mlp, "gate_up", fuse_linears([mlp.gate_proj, mlp.up_proj]))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

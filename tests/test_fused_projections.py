@@ -1,0 +1,83 @@
+"""q/k/v and gate/up served as one Linear each: the same outputs as the parts, no second copy."""
+import pytest
+import torch
+
+from lowbit.kernels import testing
+from lowbit.layers.context import AttentionContext
+from lowbit.layers.linear import Linear, fuse_linears
+from lowbit.models.random_weights import load_random_model
+from lowbit.quant.linear_method import QuantLinearMethod, install
+from lowbit.quant.formats import QuantSpec
+
+from test_kernel_path import method_for
+
+INT8_TOKEN = QuantSpec(bits=8, granularity="channel")
+
+
+def _parts(g, k, ns, bias=False):
+    parts = []
+    for n in ns:
+        lin = Linear(k, n, bias=bias)
+        lin.weight.data = testing.randn((n, k), g) * 0.05
+        if bias:
+            lin.bias.data = testing.randn((n,), g)
+        parts.append(lin)
+    return parts
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_16bit_linear_is_the_concatenation(bias):
+    g = testing.gen()
+    parts = _parts(g, 96, [64, 32, 32], bias)
+    x = testing.randn((5, 96), g)
+    want = torch.cat([p(x) for p in parts], -1)
+    fused = fuse_linears(parts)
+    assert fused is not None and fused.out_features == 128
+    assert testing.rel_err(fused(x), want.double()) < 1e-6
+    for p, w in zip(parts, want.split([64, 32, 32], -1)):  # the parts are views of the fused weight, same outputs
+        assert p.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+        assert testing.rel_err(p(x), w.double()) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8"])
+def test_fused_kernel_linear_is_the_concatenation(fmt):
+    """Quantized parts on their kernels' layouts (the torch references of the kernels on the CPU)."""
+    g = testing.gen()
+    parts = _parts(g, 256, [128, 64, 64])
+    for p in parts:
+        method = method_for(fmt, p.weight.data)
+        install(p, method)
+        assert method.prepare_kernel()
+    x = testing.randn((3, 256), g)
+    want = torch.cat([p(x) for p in parts], -1)
+    fused = fuse_linears(parts)
+    assert fused is not None and fused.quant_method.kernel.n == 256
+    assert testing.rel_err(fused(x), want.double()) < 1e-6
+    for p, w in zip(parts, want.split([128, 64, 64], -1)):
+        assert testing.rel_err(p(x), w.double()) < 1e-6
+
+
+def test_unfusable_parts_keep_their_own_path():
+    g = testing.gen()
+    a, b = _parts(g, 64, [32, 32])
+    method = QuantLinearMethod(None, INT8_TOKEN)
+    b.quant_method = method  # one quantized part without a kernel, one 16-bit part
+    assert fuse_linears([a, b]) is None
+    c, d = _parts(g, 64, [32, 32])
+    d.online_hadamard = True
+    assert fuse_linears([c, d]) is None and fuse_linears([c]) is None
+
+
+def test_fused_model_keeps_its_logits_and_its_state_dict():
+    model, _, cfg = load_random_model("tiny", seed=int(testing.gen().initial_seed() % 2**31))
+    keys = set(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (12,))
+    positions = torch.cat([torch.arange(7), torch.arange(5)])
+    ctx = AttentionContext.cacheless([7, 5], "cpu")
+    with torch.inference_mode():
+        want = model.compute_logits(model(ids, positions, ctx))
+        model.fuse_projections()
+        got = model.compute_logits(model(ids, positions, ctx))
+    assert all(layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers)
+    assert set(model.state_dict()) == keys  # the fused Linears are not modules of the tree
+    assert testing.rel_err(got, want.double()) < 1e-5
