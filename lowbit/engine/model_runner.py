@@ -18,7 +18,7 @@ from lowbit.engine.kv_cache import kv_cache_class, make_kv_cache
 from lowbit.engine.scheduler import ScheduledSeq
 from lowbit.errors import LowbitError
 from lowbit.kernels.common import cdiv
-from lowbit.layers.context import AttentionContext
+from lowbit.layers.context import AttentionContext, padding_index
 from lowbit.layers.sampler import TokenLogprob, sample
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
@@ -123,9 +123,7 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         return torch.tensor(vals, dtype=dtype, device=device)
 
     fresh = hb.fresh_seqs
-    fresh_cu = [0]
-    for i in fresh:
-        fresh_cu.append(fresh_cu[-1] + hb.cu[i + 1] - hb.cu[i])
+    fresh_lens = [hb.cu[i + 1] - hb.cu[i] for i in fresh]
 
     ctx = AttentionContext(
         cu_seqlens_q=tensor(hb.cu, torch.int32),
@@ -139,7 +137,8 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         decode_rows=tensor([hb.cu[i] for i in decodes], torch.long) if mixed else None,
         fresh_seqs=fresh,
         fresh_rows=tensor([r for i in fresh for r in range(hb.cu[i], hb.cu[i + 1])], torch.long) if fresh else None,
-        fresh_cu=fresh_cu,
+        fresh_lens=fresh_lens,
+        fresh_pad=padding_index(fresh_lens, device) if fresh else None,
         max_seq_len=max(hb.seq_lens),
     )
     return tensor(hb.ids, torch.long), tensor(hb.positions, torch.long), ctx

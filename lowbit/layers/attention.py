@@ -36,24 +36,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)[0].transpose(0, 1)
 
 
-def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: list[int],
-                            scale: float) -> torch.Tensor:
-    """Cache-less attention of sequences that each attend causally to themselves (perplexity,
-    calibration, scoring): one SDPA call over the sequences padded on the right to the longest.
-    Under a causal mask a real query never sees the padding after it, so no other mask is needed."""
-    lens = torch.tensor([cu[i + 1] - cu[i] for i in range(len(cu) - 1)], device=q.device)
-    n = int(lens.max())
-    real = torch.arange(n, device=q.device)[None, :] < lens[:, None]  # [B, n], row-major = flat order
+def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int],
+                            pad_index: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sequences of `lens` tokens (back to back in q, k, v) that each attend causally to themselves
+    (fresh prompts, perplexity, calibration, scoring): one SDPA call over the sequences padded on
+    the right to the longest (`pad_index`: `context.padding_index(lens)`). Under a causal mask a real query
+    never sees the padding after it, so no other mask is needed."""
+    b, n = len(lens), max(lens)
 
     def pad(x):
-        out = x.new_zeros(len(lens), n, *x.shape[1:])
-        out[real] = x
-        return out.transpose(1, 2)  # [B, H, n, D]
+        out = x.new_zeros(b * n, *x.shape[1:])
+        out[pad_index] = x
+        return out.view(b, n, *x.shape[1:]).transpose(1, 2)  # [B, H, n, D]
 
     qp = pad(q)
     kp, vp = repeat_kv(pad(k), qp.shape[1], 1), repeat_kv(pad(v), qp.shape[1], 1)
     out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale)
-    return out.transpose(1, 2)[real]
+    return out.transpose(1, 2).reshape(b * n, *q.shape[1:])[pad_index]
 
 
 class Attention(nn.Module):
@@ -72,7 +71,7 @@ class Attention(nn.Module):
         if not ctx.uses_cache:
             if self.kv_spec is not None:  # what a quantized cache would hand back
                 k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
-            return padded_causal_attention(q, k, v, cu, self.scale)
+            return padded_causal_attention(q, k, v, ctx.fresh_lens, ctx.fresh_pad, self.scale)
         cache = self.kv_cache
         cache.store(k, v, ctx.slot_mapping)
         decodes = ctx.decode_seqs if cache.decode_kernel else None
@@ -86,7 +85,8 @@ class Attention(nn.Module):
         if ctx.fresh_seqs:  # nothing cached before them: their own K/V as the cache holds them, one call
             rows = ctx.fresh_rows
             kf, vf = cache.read(ctx.slot_mapping[rows]) if cache.quantized else (k[rows], v[rows])
-            out[rows] = padded_causal_attention(q[rows], kf.to(q.dtype), vf.to(q.dtype), ctx.fresh_cu, self.scale)
+            out[rows] = padded_causal_attention(q[rows], kf.to(q.dtype), vf.to(q.dtype), ctx.fresh_lens, ctx.fresh_pad,
+                                                self.scale)
         done = set(decodes or ()) | set(ctx.fresh_seqs or ())
         for i in range(len(cu) - 1):
             if i not in done:  # a chunk over cached context (dequantized: the numbers decode sees)

@@ -6,6 +6,14 @@ from dataclasses import dataclass
 import torch
 
 
+def padding_index(lens: list[int], device) -> torch.Tensor:
+    """Where each token of sequences of `lens` (back to back) sits when each is padded on the right
+    to the longest: int64 `[sum(lens)]` into `[len(lens) * max(lens)]`. Built on the host once per
+    step, so the attention layers need no device sync to pad and unpad."""
+    n = max(lens)
+    return torch.tensor([b * n + i for b, m in enumerate(lens) for i in range(m)], dtype=torch.long, device=device)
+
+
 @dataclass
 class AttentionContext:
     """How the flat token batch splits into sequences, and where their keys/values live.
@@ -18,9 +26,10 @@ class AttentionContext:
     decode_seqs: the sequences with exactly one new token (host list), which the decode kernel
     serves together; decode_index / decode_rows: the same sequences and their token rows as int64
     device tensors (None when every sequence decodes). fresh_seqs: the sequences of several new
-    tokens with nothing cached before them, which attend together in one call; fresh_rows (int64,
-    device) their token rows, fresh_cu their offsets within those rows. max_seq_len bounds seq_lens
-    (it sets the decode kernel's split: max_model_len under CUDA graphs).
+    tokens with nothing cached before them (every sequence of a cache-less pass), which attend
+    together in one call; fresh_rows (int64, device) their token rows (None: all rows, in order),
+    fresh_lens their token counts, fresh_pad their `padding_index`. max_seq_len bounds
+    seq_lens (it sets the decode kernel's split: max_model_len under CUDA graphs).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -35,7 +44,8 @@ class AttentionContext:
     decode_rows: torch.Tensor | None = None
     fresh_seqs: list[int] | None = None
     fresh_rows: torch.Tensor | None = None
-    fresh_cu: list[int] | None = None
+    fresh_lens: list[int] | None = None
+    fresh_pad: torch.Tensor | None = None
     max_seq_len: int | None = None
 
     @classmethod
@@ -47,6 +57,9 @@ class AttentionContext:
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             cu_seqlens_q_list=cu,
             seq_lens_list=list(seq_lens),
+            fresh_seqs=list(range(len(seq_lens))),
+            fresh_lens=list(seq_lens),
+            fresh_pad=padding_index(list(seq_lens), device),
         )
 
     @property
