@@ -33,7 +33,9 @@ class W8A8Weight:
         """One weight whose output channels are the parts' in order."""
         if len({(p.qweight.dtype, p.qweight.shape[1]) for p in parts}) != 1:
             raise ValueError("W8A8 weights of different K or dtype")
-        return W8A8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]))
+        dtype = parts[0].qweight.dtype  # concatenated as bytes: every backend copies those, fp8 included
+        codes = torch.cat([p.qweight.view(torch.uint8) for p in parts]).view(dtype)
+        return W8A8Weight(codes, torch.cat([p.scale for p in parts]))
 
     def rows(self, start: int, stop: int, part: "W8A8Weight") -> "W8A8Weight":
         """Output channels [start, stop) as views of this weight."""
