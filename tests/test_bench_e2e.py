@@ -66,3 +66,18 @@ def test_bad_spec(tmp_path, capsys, spec):
     assert e2e.main(["--device", "cpu", "--out", str(tmp_path), spec]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "want ARCH:RECIPE:IN/OUT" in err[0]
+
+
+def test_hf_batch_sizes_and_the_best_as_the_peer(tmp_path, capsys):
+    out = tmp_path / "res"
+    assert e2e.main(["--device", "cpu", "--out", str(out), "--max-prompts", "2", "--warmup-seqs", "0",
+                     "tiny:hf-b1:16/4", "tiny:hf-b2:16/4", "tiny:w4a8kv4:16/4"]) == 0
+    rows = {p.name: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert rows["tiny__hf-b1__16x4.json"]["engine"] == {"batch_size": 1}
+    assert rows["tiny__hf-b2__16x4.json"]["num_requests"] == 2
+    rows = {r["recipe"]: r for r in rows.values()}
+    best = max(rows["hf-b1"]["output_tokens_per_second"], rows["hf-b2"]["output_tokens_per_second"])
+    want = rows["w4a8kv4"]["output_tokens_per_second"] / best
+    table = capsys.readouterr().out
+    assert table.index("batch 1") < table.index("batch 2")
+    assert f"| tiny | 16/4 | `w4a8kv4` | 2 |" in table and f"{want:.2f}x" in table

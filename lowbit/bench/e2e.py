@@ -5,7 +5,8 @@ not depend on the values). One JSON file per row as soon as it is measured; a ma
     python -m lowbit.bench e2e --out results/ [SPEC ...]      # measure
     python -m lowbit.bench e2e --from-json results/           # the table again, from the JSON
 
-SPEC is ARCH:RECIPE:IN/OUT[,IN/OUT...], RECIPE `hf` being the transformers peer. A spec builds its
+SPEC is ARCH:RECIPE:IN/OUT[,IN/OUT...], RECIPE `hf` being the transformers peer at `--hf-batch-size`
+(`hf-bN`: at static batches of N; list several to find its best, which the ratios use). A spec builds its
 model once, on the device, runs its workloads in order and frees the model; list the rows that matter
 most first. Each workload sends enough requests to fill the KV cache `--fill` times over (capped by
 `--max-prompts`), vLLM's max-throughput setting: temperature 1, end-of-sequence ignored, every request
@@ -30,17 +31,22 @@ from lowbit.errors import LowbitError
 
 HF = "hf"
 DEFAULT_SPECS = [
-    "llama3-8b:bf16:1024/512", "llama3-8b:fp8:1024/512", "llama3-8b:w4a8kv4:1024/512", "llama3-8b:hf:1024/512",
-    "llama3-8b:w4a8kv4:128/2048,2048/128", "llama3-8b:fp8:128/2048,2048/128", "llama3-8b:bf16:128/2048,2048/128",
-    "llama3-8b:hf:128/2048,2048/128", "llama3-70b:w4a8kv4:1024/512", "llama3-70b:fp8:1024/512",
+    "llama3-8b:bf16:1024/512", "llama3-8b:fp8:1024/512", "llama3-8b:w4a8kv4:1024/512", "llama3-8b:hf-b64:1024/512",
+    "llama3-8b:hf-b256:1024/512", "llama3-8b:w4a8kv4:128/2048,2048/128", "llama3-8b:fp8:128/2048,2048/128",
+    "llama3-8b:bf16:128/2048,2048/128", "llama3-8b:hf-b256:128/2048,2048/128", "llama3-70b:w4a8kv4:1024/512",
+    "llama3-70b:fp8:1024/512",
 ]
-RECIPE_ORDER = ["bf16", "fp8", "w8a8", "w4a16", "w4a8kv4", "w4a4kv4", HF]
+RECIPE_ORDER = ["bf16", "fp8", "w8a8", "w4a16", "w4a8kv4", "w4a4kv4"]
 # (ratio's numerator, denominator, target) per architecture (issue #5)
 TARGETS = {"llama3-8b": [("w4a8kv4", "bf16", 2.0), ("w4a8kv4", "fp8", 1.2), ("w4a8kv4", HF, 5.0)],
            "llama3-70b": [("w4a8kv4", "fp8", None)]}
 # TensorRT-LLM's published H200 rows (Llama-3.1-8B, fp8, one GPU, output tok/s), quoted in issue #5
 TRTLLM_URL = "https://nvidia.github.io/TensorRT-LLM/performance/perf-overview.html"
 TRTLLM_FP8 = {("llama3-8b", 128, 2048): 26221, ("llama3-8b", 2048, 128): 3538}
+
+
+def is_hf(recipe: str) -> bool:
+    return recipe == HF or (recipe.startswith(HF + "-b") and recipe[len(HF) + 2:].isdigit())
 
 
 def parse_spec(spec: str) -> tuple[str, str, list[tuple[int, int]]]:
@@ -99,7 +105,7 @@ class Sweep:
     def run_spec(self, arch: str, recipe: str, workloads: list[tuple[int, int]]) -> None:
         t0 = time.monotonic()
         try:
-            runner = self._hf(arch) if recipe == HF else self._ours(arch, recipe, workloads)
+            runner = self._hf(arch, recipe) if is_hf(recipe) else self._ours(arch, recipe, workloads)
         except Exception as e:  # noqa: BLE001 - one row per failure, then the next config
             traceback.print_exc()
             for input_len, output_len in workloads:
@@ -155,7 +161,7 @@ class Sweep:
 
         return run
 
-    def _hf(self, arch: str):
+    def _hf(self, arch: str, recipe: str):
         from lowbit.api import DTYPES
         from lowbit.bench import hf_generate
 
@@ -163,13 +169,13 @@ class Sweep:
         model = hf_generate.load_hf_model(arch, self.device, DTYPES[self.dtype])
         hf_generate.run(model, self._requests(arch, 2, 8, 4), batch_size=2, desc="hf warm-up")
 
+        batch = a.hf_batch_size if recipe == HF else int(recipe[len(HF) + 2:])
+
         def run(input_len: int, output_len: int, time_limit_s: float) -> dict:
-            num = a.hf_batch_size * a.hf_batches
+            num = batch * a.hf_batches
             requests = self._requests(arch, num, input_len, output_len)
-            result = hf_generate.run(model, requests, a.hf_batch_size, time_limit_s,
-                                     desc=f"hf {input_len}/{output_len}")
-            return dict(result, num_prompts=num, time_limit_s=round(time_limit_s, 1),
-                        engine={"batch_size": a.hf_batch_size})
+            result = hf_generate.run(model, requests, batch, time_limit_s, desc=f"hf {input_len}/{output_len}")
+            return dict(result, num_prompts=num, time_limit_s=round(time_limit_s, 1), engine={"batch_size": batch})
 
         return run
 
@@ -190,11 +196,17 @@ def load_rows(results: Path) -> list[dict]:
     return rows
 
 
-def _order(recipe: str) -> tuple[int, str]:
-    return (RECIPE_ORDER.index(recipe) if recipe in RECIPE_ORDER else len(RECIPE_ORDER) - 1, recipe)
+def _order(recipe: str) -> tuple[int, int, str]:
+    if is_hf(recipe):
+        return (len(RECIPE_ORDER), 0 if recipe == HF else int(recipe[len(HF) + 2:]), recipe)
+    return (RECIPE_ORDER.index(recipe) if recipe in RECIPE_ORDER else len(RECIPE_ORDER) - 1, 0, recipe)
 
 
 def _tps(rows: dict, recipe: str) -> float | None:
+    """A recipe's output tokens/s; for HF, that of its fastest batch size."""
+    if recipe == HF:
+        return max((r["output_tokens_per_second"] for k, r in rows.items()
+                    if is_hf(k) and "output_tokens_per_second" in r), default=None)
     return rows.get(recipe, {}).get("output_tokens_per_second")
 
 
@@ -218,7 +230,7 @@ def render(rows: list[dict]) -> str:
         lines.append(f"Our engine: max_num_seqs {eng['max_num_seqs']}, max_num_batched_tokens "
                      f"{eng['max_num_batched_tokens']}, gpu_memory_utilization {eng['gpu_memory_utilization']}, "
                      f"block_size {eng['block_size']}. HF: transformers' batched `generate`, static batches.")
-    lines += ["", "| model | in/out | recipe | requests | output tok/s | total tok/s | vs our bf16 | vs our fp8 | vs HF "
+    lines += ["", "| model | in/out | recipe | requests | output tok/s | total tok/s | vs our bf16 | vs our fp8 | vs HF (best batch) "
                   "| note |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -226,14 +238,14 @@ def render(rows: list[dict]) -> str:
     for (arch, i, o), by_recipe in groups.items():
         for recipe in sorted(by_recipe, key=_order):
             r = by_recipe[recipe]
-            name = f"HF transformers ({r['dtype']})" if recipe == HF else f"`{recipe}`"
+            name = f"HF transformers ({r['dtype']})" if is_hf(recipe) else f"`{recipe}`"
             if "error" in r:
                 lines.append(f"| {arch} | {i}/{o} | {name} | | | | | | | {r['error']} |")
                 continue
             tps = r["output_tokens_per_second"]
             note = (f"capped at {r['time_limit_s']} s: {r['num_requests']} of {r['num_prompts']} finished"
                     if r["capped"] else "")
-            if recipe == HF:
+            if is_hf(recipe):
                 note = "; ".join(filter(None, [f"batch {r['engine']['batch_size']}", note]))
             lines.append(f"| {arch} | {i}/{o} | {name} | {r['num_requests']} | {tps:,.0f} | "
                          f"{r['tokens_per_second']:,.0f} | {_x(tps, _tps(by_recipe, 'bf16'))} | "
@@ -255,7 +267,8 @@ def render(rows: list[dict]) -> str:
             if a is not None and b:
                 got = a / b
                 met = "" if target is None else ("yes" if got >= target else "no")
-                checks.append(f"| {arch} | {i}/{o} | {num} / {den} | {'' if target is None else f'>= {target}'} | "
+                label = f"{num} / {den}" + (" (best batch)" if den == HF else "")
+                checks.append(f"| {arch} | {i}/{o} | {label} | {'' if target is None else f'>= {target}'} | "
                               f"{got:.2f} | {met} |")
     if checks:
         lines += ["", "| model | in/out | ratio | target | got | met |", "| --- | --- | --- | --- | --- | --- |", *checks]
