@@ -119,6 +119,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # no CUDA graphs for decode batches
+    async_scheduling: bool = True  # schedule and launch step n+1 before reading back step n's tokens
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -13,16 +13,16 @@ PREFIX = [7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47]  # 3 full blocks of BS 
 def make_llm(tiny_dir, **kw):
     """An engine whose runner asserts that every written slot lies in a block its sequence owns alone."""
     llm = LLM(model=str(tiny_dir("llama3")), device="cpu", block_size=BS, **kw)
-    eng, run = llm.engine, llm.engine.runner.run
+    eng, launch = llm.engine, llm.engine.runner.launch
 
-    def checked_run(batch):
+    def checked_launch(batch):
         for item in batch:
             start = item.seq.num_computed_tokens
             for pos in range(start, start + item.num_tokens):
                 assert eng.blocks.ref[item.seq.block_table[pos // BS]] == 1
-        return run(batch)
+        return launch(batch)
 
-    eng.runner.run = checked_run
+    eng.runner.launch = checked_launch
     return llm
 
 
@@ -64,13 +64,13 @@ def test_block_aligned_prompt_still_computes_its_last_token(tiny_dir, alone):
     llm = make_llm(tiny_dir)
     llm.generate([PREFIX], GREEDY)
     eng, first = llm.engine, []
-    run = eng.runner.run
+    launch = eng.runner.launch
 
     def record(batch):
         first.extend((b.seq.num_computed_tokens, b.num_tokens) for b in batch)
-        return run(batch)
+        return launch(batch)
 
-    eng.runner.run = record
+    eng.runner.launch = record
     assert llm.generate([PREFIX], GREEDY)[0].outputs[0].token_ids == alone(PREFIX)
     assert first[0] == (len(PREFIX) - BS, BS)  # the last block is recomputed, not reused
     assert eng.scheduler.num_cached_tokens == len(PREFIX) - BS

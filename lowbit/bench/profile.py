@@ -5,7 +5,8 @@ phase of every step, and prints per step kind (decode-only through the CUDA grap
 through the eager forward) the mean milliseconds spent scheduling, building the batch on the host,
 in the forward (GPU included), sampling, and updating requests; then torch.profiler's top kernels
 over a few steps of each kind. The synchronization costs a little overlap, so these are shares of a
-step, not a throughput figure (that is `e2e`'s job).
+step, not a throughput figure (that is `e2e`'s job). The loop runs synchronously (no asynchronous
+scheduling), so the host phases are the costs that asynchronous scheduling overlaps with the device.
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     llm = LLM(random_weights=a.arch, recipe=None if a.recipe == "bf16" else a.recipe, device=a.device,
               max_model_len=a.input_len + a.output_len, max_num_seqs=a.max_num_seqs,
-              max_num_batched_tokens=a.max_num_batched_tokens)
+              max_num_batched_tokens=a.max_num_batched_tokens, async_scheduling=False)
     engine = llm.engine
     vocab = random_config(a.arch).vocab_size
 
@@ -101,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     timer = StepTimer(torch.device(a.device))
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(model_runner, "host_batch", "host_batch")
-    timer.wrap(model_runner, "sample", "sample")
+    timer.wrap(model_runner, "draw", "sample")
     runner = engine.runner
-    run = runner.run
+    launch = runner.launch
 
     def classified(batch):
         decode = all(item.num_tokens == 1 for item in batch)
         timer.kind = f"decode b{len(batch) // 64 * 64}-{len(batch) // 64 * 64 + 63}" if decode else "mixed/prefill"
         timer.steps[timer.kind] += timer.enabled
         with timer.phase("forward"):  # minus the nested phases, below
-            return run(batch)
+            return launch(batch)
 
-    runner.run = classified
+    runner.launch = classified
     submit(a.num_prompts, a.input_len, a.output_len, 2)
     start, traced = time.perf_counter(), defaultdict(int)
     prof = a.device != "cpu"

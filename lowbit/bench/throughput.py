@@ -51,9 +51,9 @@ def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True, tim
                 capped = True
                 for rid in ids:
                     req = engine.requests.get(rid)
-                    if req is not None and any(s.num_output_tokens for s in req.seqs):
+                    if req is not None and any(s.output_token_ids for s in req.seqs):
                         prompt_tokens += len(req.prompt_ids)
-                        output_tokens += sum(s.num_output_tokens for s in req.seqs)
+                        output_tokens += sum(len(s.output_token_ids) for s in req.seqs)
                     engine.abort_request(rid)
                 break
             outs = engine.step()

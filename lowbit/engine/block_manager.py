@@ -11,7 +11,7 @@ import hashlib
 from array import array
 from collections import OrderedDict, deque
 
-from lowbit.engine.sequence import Sequence
+from lowbit.engine.sequence import PENDING, Sequence
 
 
 def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
@@ -80,6 +80,8 @@ class BlockManager:
         """Publish `seq`'s full blocks whose tokens are computed, so that later sequences can reuse them."""
         bs, tokens = self.block_size, seq.token_ids
         for i in range(len(seq.block_hashes), seq.num_computed_tokens // bs):
+            if PENDING in tokens[i * bs:(i + 1) * bs]:  # a token not read back yet (asynchronous scheduling)
+                break
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else b"", tokens[i * bs:(i + 1) * bs])
             seq.block_hashes.append(h)
             if h not in self.cached:  # else a twin computed the same block first: ours stays private

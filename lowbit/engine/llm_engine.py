@@ -9,7 +9,7 @@ from lowbit.engine.detokenizer import IncrementalDetokenizer
 from lowbit.engine.model_runner import ModelRunner
 from lowbit.engine.outputs import CompletionOutput, RequestOutput
 from lowbit.engine.scheduler import Scheduler
-from lowbit.engine.sequence import Sequence
+from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
 from lowbit.sampling_params import SamplingParams
 
@@ -23,12 +23,19 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        """Every sequence has finished and its last token has been read back."""
+        return all(s.is_finished and not s.num_pending for s in self.seqs)
 
 
 class LLMEngine:
     """`tokenizer` may be None (random-weights models without one): prompts are then token ids and
-    outputs carry ids only (empty text)."""
+    outputs carry ids only (empty text).
+
+    With `async_scheduling` a step schedules and launches the next forward before it reads back the
+    tokens of the one in flight, so the host's work (scheduling, batch building, outputs) overlaps
+    the device's. Each sampled token enters its sequence as PENDING and the next launch takes it
+    from the device; a sequence found to have stopped when its token is read back has computed
+    one token too many, which is dropped. Finishing by length is known on the host at once."""
 
     def __init__(self, model, tokenizer, model_cfg: ModelConfig, cfg: EngineConfig):
         self.model, self.tokenizer, self.model_cfg, self.cfg = model, tokenizer, model_cfg, cfg
@@ -40,6 +47,7 @@ class LLMEngine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self._ids = itertools.count()
+        self._inflight = None  # the launched step whose tokens are not read back yet (InFlight, positions)
 
     # --- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -86,21 +94,54 @@ class LLMEngine:
 
     # --- the loop ---------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return the state of every request that moved (finished ones last seen here)."""
+        """Run one forward pass; return the state of every request that moved (finished ones last seen
+        here). Asynchronously scheduled, what moved is the step launched by the previous call."""
         batch = self.scheduler.schedule()
-        if not batch:
+        if not batch and self._inflight is None:
             if self.scheduler.has_work():
                 raise LowbitError("the KV cache is too small to schedule any request")
             return []
-        tokens, logprobs = self.runner.run(batch)
-        sampled = [item.seq for item in batch if item.samples]
-        for item in batch:
-            item.seq.num_computed_tokens += item.num_tokens
-        for seq, tok, lp in zip(sampled, tokens, logprobs):
-            self._append(seq, tok, lp)
         outs = []
-        for rid in {s.request_id for s in sampled}:
-            req = self.requests[rid]
+        if self._inflight is not None and (not self.cfg.async_scheduling or any(
+                item.seq.params.repetition_penalty != 1.0 for item in batch)):  # the penalty reads past tokens
+            outs = self._resolve()
+        launched = None
+        if batch:
+            inflight = self.runner.launch(batch)
+            for item in batch:
+                item.seq.num_computed_tokens += item.num_tokens
+            launched = (inflight, [self._place(seq) for seq in inflight.seqs])
+        if self._inflight is not None:
+            outs = self._resolve()
+        self._inflight = launched
+        if launched is not None and not self.cfg.async_scheduling:
+            outs = self._resolve()
+        return outs
+
+    def _place(self, seq: Sequence) -> int:
+        """Give `seq` its drawn token as PENDING; finish it now if that reaches its length. -> its index."""
+        seq.append_token(PENDING)
+        seq.num_pending += 1
+        p = seq.params
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.cfg.max_model_len:
+            self.scheduler.finish(seq, "length")
+        return len(seq) - 1
+
+    def _resolve(self) -> list[RequestOutput]:
+        """Read back the in-flight step's tokens, apply them, and return the outputs of what moved."""
+        (inflight, positions), self._inflight = self._inflight, None
+        tokens, logprobs = inflight.result()
+        touched = {}
+        for seq, pos, tok, lp in zip(inflight.seqs, positions, tokens, logprobs):
+            req = self.requests.get(seq.request_id)
+            if req is None or pos >= len(seq.token_ids):  # aborted, or stopped before this token
+                continue
+            seq.token_ids[pos] = tok
+            seq.num_pending -= 1
+            self._accept(seq, pos, tok, lp)
+            touched[req.request_id] = req
+        outs = []
+        for rid, req in touched.items():
             finished = req.finished
             if finished or req.stream:
                 outs.append(self._output(req, finished))
@@ -108,14 +149,12 @@ class LLMEngine:
                 del self.requests[rid]
         return outs
 
-    def _append(self, seq: Sequence, token: int, lp) -> None:
+    def _accept(self, seq: Sequence, pos: int, token: int, lp) -> None:
+        """A read-back token: logprobs, text, stop conditions (a stop drops any later PENDING token)."""
         p = seq.params
-        seq.append_token(token)
         if lp is not None:
             seq.output_logprobs.append(lp)
-        reason = None
-        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:
-            reason = "stop"
+        stopped = (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids
         detokenizer = self.requests[seq.request_id].detokenizers[seq.index]
         if detokenizer is not None:
             searched = len(detokenizer.stable)  # final text, already searched for stop strings
@@ -123,17 +162,18 @@ class LLMEngine:
             for stop in p.stop:
                 at = seq.output_text.find(stop, max(0, searched - len(stop) + 1))
                 if at >= 0:
-                    seq.output_text, reason = seq.output_text[:at], "stop"
-        if reason is None and (
-            (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.cfg.max_model_len
-        ):
-            reason = "length"
-        if reason is not None:
-            self.scheduler.finish(seq, reason)
+                    seq.output_text, stopped = seq.output_text[:at], True
+        if stopped:
+            del seq.token_ids[pos + 1:]
+            seq.num_pending = 0
+            if seq.is_finished:  # by length, with this very token
+                seq.finish_reason = "stop"
+            else:
+                self.scheduler.finish(seq, "stop")
 
     def _output(self, req: _Request, finished: bool) -> RequestOutput:
         outs = [
-            CompletionOutput(s.index, s.output_text, s.output_token_ids, s.finish_reason,
+            CompletionOutput(s.index, s.output_text, s.output_token_ids, None if s.num_pending else s.finish_reason,
                              list(s.output_logprobs) if s.params.logprobs is not None else None)
             for s in req.seqs
         ]

@@ -16,10 +16,11 @@ import torch
 from lowbit.config import EngineConfig, ModelConfig
 from lowbit.engine.kv_cache import kv_cache_class, make_kv_cache
 from lowbit.engine.scheduler import ScheduledSeq
+from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
 from lowbit.kernels.common import cdiv
 from lowbit.layers.context import AttentionContext, padding_index
-from lowbit.layers.sampler import TokenLogprob, sample
+from lowbit.layers.sampler import Sampled, TokenLogprob, draw, to_device
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
 MAX_GRAPH_BATCH = 512  # the largest decode batch captured as a CUDA graph (vLLM's default too)
@@ -120,7 +121,7 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
     mixed = 0 < len(decodes) < len(hb.seq_lens)  # decodes gathered by index (decode-only: as they are)
 
     def tensor(vals, dtype):
-        return torch.tensor(vals, dtype=dtype, device=device)
+        return to_device(vals, dtype, device)
 
     fresh = hb.fresh_seqs
     fresh_lens = [hb.cu[i + 1] - hb.cu[i] for i in fresh]
@@ -129,7 +130,7 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         cu_seqlens_q=tensor(hb.cu, torch.int32),
         seq_lens=tensor(hb.seq_lens, torch.int32),
         slot_mapping=tensor(hb.slots, torch.long),
-        block_tables=torch.from_numpy(padded_tables(hb.tables, width, len(hb.tables), -1)).to(device),
+        block_tables=torch.from_numpy(padded_tables(hb.tables, width, len(hb.tables), -1)).to(device, non_blocking=True),
         cu_seqlens_q_list=hb.cu,
         seq_lens_list=hb.seq_lens,
         decode_seqs=decodes,
@@ -185,11 +186,14 @@ class StaticDecode:
             self._forward(size)  # compiles the kernels for this shape outside the capture
             self._capture(size)
 
-    def hidden(self, hb: HostBatch) -> torch.Tensor:
-        """Last hidden states `[B, hidden]` of the batch's B sequences (a view into the static output)."""
+    def hidden(self, hb: HostBatch, patch=None) -> torch.Tensor:
+        """Last hidden states `[B, hidden]` of the batch's B sequences (a view into the static output).
+        `patch` (see `ModelRunner._patch`) sets input ids that are still on the device."""
         b = len(hb.ids)
         size = next(s for s in self.buckets if s >= b)
         self._fill(hb, size)
+        if patch is not None:
+            patch(self.input_ids)
         if size in self.graphs:
             graph, hidden = self.graphs[size]
             graph.replay()
@@ -239,6 +243,7 @@ class ModelRunner:
                 f"{cfg.max_model_len}: lower --max-model-len or raise --gpu-memory-utilization"
             )
         self._make_caches(self.num_blocks)
+        self._last = None  # the last launch's draws on the device, and each sampled sequence's row in them
         self.static_decode = StaticDecode(model, cfg, self.device, capture=True) if graphs else None
         if self.static_decode is not None:
             self.static_decode.capture_all()
@@ -268,24 +273,62 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return used
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Forward the batch; sample for the sequences whose last token was computed (in batch order)."""
+        """Forward the batch and read back the tokens of the sequences it samples (in batch order)."""
+        return self.launch(batch).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq]) -> "InFlight":
+        """Queue the batch's forward and sampling on the device without waiting for them. An input
+        token still PENDING (sampled by the previous launch, not yet read back) is taken from that
+        launch's draws on the device."""
         hb = host_batch(batch, self.cfg.block_size)
         sampled = [i for i, item in enumerate(batch) if item.samples]
+        patch = self._patch(batch, hb)
         static = self.static_decode
         if static is not None and len(hb.decode_seqs) == len(batch) <= static.max_batch:
-            hidden = static.hidden(hb)
-            if not sampled:
-                return [], []
-            if len(sampled) < len(batch):
-                hidden = hidden[torch.tensor(sampled, device=self.device)]
-            logits = self.model.compute_logits(hidden)
+            hidden = static.hidden(hb, patch)
+            if sampled and len(sampled) < len(batch):
+                hidden = hidden[to_device(sampled, torch.long, self.device)]
         else:
             input_ids, positions, ctx = prepare_inputs(hb, self.device)
+            if patch is not None:
+                patch(input_ids)
             hidden = self.model(input_ids, positions, ctx)
-            if not sampled:
-                return [], []
-            rows = [hb.cu[i + 1] - 1 for i in sampled]
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return sample(logits, [batch[i].seq for i in sampled])
+            if sampled:
+                hidden = hidden[to_device([hb.cu[i + 1] - 1 for i in sampled], torch.long, self.device)]
+        seqs = [batch[i].seq for i in sampled]
+        draws = draw(self.model.compute_logits(hidden), seqs) if seqs else None
+        self._last = None if draws is None else (draws.tokens, {seq.seq_id: r for r, seq in enumerate(seqs)})
+        return InFlight(seqs, draws)
+
+    def _patch(self, batch: list[ScheduledSeq], hb: HostBatch):
+        """A function that writes the PENDING input ids of `hb` from the last launch's draws, or None."""
+        dst, src = [], []
+        for i, item in enumerate(batch):
+            seq, start = item.seq, item.seq.num_computed_tokens
+            for j in range(max(start, len(seq) - seq.num_pending), start + item.num_tokens):  # trailing ones only
+                if seq.token_ids[j] == PENDING:
+                    if self._last is None or seq.seq_id not in self._last[1]:
+                        raise RuntimeError(f"sequence {seq.seq_id}: a pending input token the last launch did not draw")
+                    dst.append(hb.cu[i] + j - start)
+                    src.append(self._last[1][seq.seq_id])
+        if not dst:
+            return None
+        tokens = self._last[0]
+        dst_t, src_t = to_device(dst, torch.long, self.device), to_device(src, torch.long, self.device)
+
+        def patch(input_ids: torch.Tensor) -> None:
+            input_ids[dst_t] = tokens[src_t]
+        return patch
+
+
+@dataclass
+class InFlight:
+    """A launched step: the sequences it samples (batch order) and their draws, still on the device."""
+    seqs: list[Sequence]
+    draws: Sampled | None
+
+    def result(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """Wait for the draws and read them back (the step's one device sync)."""
+        return ([], []) if self.draws is None else self.draws.host()

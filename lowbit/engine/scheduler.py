@@ -66,6 +66,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token not yet read back: recompute it next step
+                break
             cached = self.blocks.reuse_prefix(seq) if self.cfg.enable_prefix_caching else 0
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq, cached + n):

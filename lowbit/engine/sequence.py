@@ -7,6 +7,7 @@ import itertools
 from lowbit.sampling_params import SamplingParams
 
 _ids = itertools.count()
+PENDING = -1  # a sampled token still on the device (asynchronous scheduling); never a model input
 
 
 class Status(enum.Enum):
@@ -34,6 +35,7 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # of the leading blocks published or reused
         self.num_preemptions = 0
         self.generator = None  # the per-request torch.Generator, made on first use
+        self.num_pending = 0  # trailing PENDING tokens, whose values the engine has yet to read back
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -41,8 +43,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        """A copy: append with `append_token`."""
-        return self.token_ids[self.num_prompt_tokens:]
+        """The generated tokens read back so far (a copy: append with `append_token`)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:

@@ -26,7 +26,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None
         rp = seq.params.repetition_penalty
         if rp == 1.0:
             continue
-        ids = torch.tensor(sorted(set(seq.token_ids)), device=logits.device, dtype=torch.long)
+        ids = to_device(sorted(set(seq.token_ids)), torch.long, logits.device)
         seen = logits[i, ids]
         logits[i, ids] = torch.where(seen > 0, seen / rp, seen * rp)
 
@@ -34,15 +34,15 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, top-k, top-p and min-p, each with a per-row value; returns probabilities."""
     dev = logits.device
-    temp = torch.tensor([s.params.temperature for s in seqs], device=dev, dtype=torch.float32)
+    temp = to_device([s.params.temperature for s in seqs], torch.float32, dev)
     logits = logits / temp[:, None]
     vocab = logits.shape[-1]
     if all((s.params.top_k <= 0 or s.params.top_k >= vocab) and s.params.top_p >= 1.0 and s.params.min_p <= 0.0
            for s in seqs):
         return logits.softmax(-1)  # nothing to cut: the sort below costs more than the whole decode step's sampling
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device=dev)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=dev, dtype=torch.float32)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=dev, dtype=torch.float32)
+    top_k = to_device([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], torch.long, dev)
+    top_p = to_device([s.params.top_p for s in seqs], torch.float32, dev)
+    min_p = to_device([s.params.min_p for s in seqs], torch.float32, dev)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=dev)[None, :]
     drop = rank >= top_k[:, None]
@@ -63,8 +63,35 @@ def _noise(shape, seqs: list[Sequence], device) -> torch.Tensor:
     return q
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: fp32 `[B, vocab]`, one row per sequence. Returns tokens and (when asked) logprobs."""
+def to_device(vals: list, dtype: torch.dtype, device) -> torch.Tensor:
+    """A host list on `device` without waiting for the device: `torch.tensor(..., device=cuda)`
+    synchronizes the stream, which would stall the host behind the GPU work already queued."""
+    return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
+
+
+@dataclass
+class Sampled:
+    """A batch's draws, still on the device; `host()` waits for them (the one sync of a step)."""
+    tokens: torch.Tensor
+    want: list[int | None]
+    chosen: torch.Tensor | None = None
+    top_i: torch.Tensor | None = None
+    top_v: torch.Tensor | None = None
+
+    def host(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        logprobs: list[TokenLogprob | None] = [None] * len(self.want)
+        if self.chosen is None:
+            return self.tokens.tolist(), logprobs
+        # each tensor comes to the host once for the whole batch, not once per sequence
+        token_list, chosen, top_i, top_v = (t.tolist() for t in (self.tokens, self.chosen, self.top_i, self.top_v))
+        for i, w in enumerate(self.want):
+            if w is not None:
+                logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:w], top_v[i][:w])))
+        return token_list, logprobs
+
+
+def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
+    """logits: fp32 `[B, vocab]`, one row per sequence -> the tokens (and asked logprobs), on the device."""
     logits = logits.float().clone()
     apply_repetition_penalty(logits, seqs)
     greedy = [s.params.greedy for s in seqs]  # decided on the host: no device sync
@@ -72,17 +99,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     if not all(greedy):
         probs = _filter(logits, seqs)
         drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
-        tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens, drawn)
+        tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens, drawn)
     want = [s.params.logprobs for s in seqs]
-    logprobs: list[TokenLogprob | None] = [None] * len(seqs)
     if all(w is None for w in want):
-        return tokens.tolist(), logprobs
+        return Sampled(tokens, want)
     lp = logits.log_softmax(-1)
-    chosen = lp.gather(1, tokens[:, None])[:, 0]
     top_v, top_i = lp.topk(max(1, *(w or 0 for w in want)), dim=-1)
-    # each tensor comes to the host once for the whole batch, not once per sequence
-    token_list, chosen, top_i, top_v = (t.tolist() for t in (tokens, chosen, top_i, top_v))
-    for i, w in enumerate(want):
-        if w is not None:
-            logprobs[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:w], top_v[i][:w])))
-    return token_list, logprobs
+    return Sampled(tokens, want, lp.gather(1, tokens[:, None])[:, 0], top_i, top_v)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """`draw`, then on the host: tokens and (when asked) logprobs."""
+    return draw(logits, seqs).host()
