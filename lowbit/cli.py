@@ -59,6 +59,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory the model and KV cache may use (default: 0.9)")
     g.add_argument("--enforce-eager", action="store_true", default=None,
                    help="no CUDA graphs for decode batches (default: graphs on CUDA)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch each step before reading back the last one's tokens (default: on)")
     from lowbit.quant.cli import add_recipe_args
 
     add_recipe_args(p, required=False)
@@ -71,8 +73,8 @@ def load_llm(args):
 
     if args.random_weights != (args.arch is not None):
         raise LowbitError("--random-weights and --arch go together")
-    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization", "enforce_eager")
-              if getattr(args, k) is not None}
+    engine = {k: getattr(args, k) for k in ("max_num_seqs", "block_size", "gpu_memory_utilization", "enforce_eager",
+                                            "async_scheduling") if getattr(args, k) is not None}
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
               recipe=args.recipe, calib=args.calib, calib_samples=args.calib_samples, calib_len=args.calib_len,
               random_weights=args.arch, **engine)
