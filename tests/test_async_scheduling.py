@@ -7,6 +7,8 @@ import pytest
 
 from lowbit import LLM, SamplingParams
 
+from test_engine import staggered_outputs
+
 
 @pytest.fixture(scope="module")
 def prompts():
@@ -15,26 +17,21 @@ def prompts():
 
 
 def _run(tiny_dir, prompts, params, async_scheduling, abort=None, **kw):
-    """Requests arriving two per step; `abort` (an index) is aborted after its third step."""
+    """Requests arriving two per step; `abort` (an index) is aborted after the third step."""
     llm = LLM(model=str(tiny_dir("llama3")), device="cpu", async_scheduling=async_scheduling, block_size=4, **kw)
-    eng, pending, done, steps = llm.engine, list(enumerate(prompts)), {}, 0
+    eng = llm.engine
     patches, make_patch = [], eng.runner._patch
     eng.runner._patch = lambda batch, hb: patches.append(make_patch(batch, hb)) or patches[-1]
-    while pending or eng.has_unfinished_requests():
-        for _ in range(2):
-            if pending:
-                i, p = pending.pop(0)
-                eng.add_request(p, params, request_id=str(i))
-        for out in eng.step():
-            if out.finished:
-                done[int(out.request_id)] = [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in out.outputs]
-        steps += 1
+
+    def after_step(engine, steps):
         if abort is not None and steps == 3:
-            eng.abort_request(str(abort))
+            engine.abort_request(str(abort))
+
+    done = staggered_outputs(llm, prompts, params, per_step=2, after_step=after_step)
     assert eng.blocks.num_free == eng.blocks.num_blocks and not eng.scheduler.running
     # inputs taken from the device draws, except where the repetition penalty reads the tokens first
     assert any(p is not None for p in patches) == (async_scheduling and params.repetition_penalty == 1.0)
-    return done, llm
+    return {i: [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in out.outputs] for i, out in done.items()}, llm
 
 
 def _same(tiny_dir, prompts, params, **kw):

@@ -21,18 +21,28 @@ def alone(tiny_dir, prompts):
     return [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in prompts]
 
 
-def run_staggered(llm, prompts, params=GREEDY):
-    """Add the requests a few at a time between engine steps; return outputs in prompt order."""
-    eng, pending, done = llm.engine, list(enumerate(prompts)), {}
+def staggered_outputs(llm, prompts, params=GREEDY, per_step=3, after_step=None) -> dict:
+    """Add the requests `per_step` at a time between engine steps (`after_step(engine, steps)` after
+    each); return each request's final output by prompt index."""
+    eng, pending, done, steps = llm.engine, list(enumerate(prompts)), {}, 0
     while pending or eng.has_unfinished_requests():
-        for _ in range(3):
+        for _ in range(per_step):
             if pending:
                 i, p = pending.pop(0)
                 eng.add_request(p, params, request_id=str(i))
         for out in eng.step():
             if out.finished:
-                done[int(out.request_id)] = out.outputs[0].token_ids
-    return [done[i] for i in range(len(prompts))]
+                done[int(out.request_id)] = out
+        steps += 1
+        if after_step is not None:
+            after_step(eng, steps)
+    return done
+
+
+def run_staggered(llm, prompts, params=GREEDY):
+    """The greedy tokens of `staggered_outputs`, in prompt order."""
+    done = staggered_outputs(llm, prompts, params)
+    return [done[i].outputs[0].token_ids for i in range(len(prompts))]
 
 
 def test_batch_of_16_arriving_at_different_steps(tiny_dir, prompts, alone):
