@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lowbit.eval import agreement
 from lowbit.eval.agreement import kl_agreement
 from lowbit.eval.perplexity import perplexity
 from lowbit.models.loader import load_model
@@ -41,7 +42,9 @@ def test_model_against_itself(models, tokens):
     assert out["ppl"] == pytest.approx(perplexity(model, tokens, ctx=CTX, progress=False)["ppl"], rel=1e-6)
 
 
-def test_perturbed_copy_against_float64_reference(models, tokens):
+@pytest.mark.parametrize("chunk", [256, 5])  # positions per float64 chunk: one, and several per window
+def test_perturbed_copy_against_float64_reference(models, tokens, chunk, monkeypatch):
+    monkeypatch.setattr(agreement, "POSITIONS_PER_CHUNK", chunk)
     model, perturbed, ref64, perturbed64 = models
     out = kl_agreement(perturbed, model, tokens, ctx=CTX, max_windows=2, batch_size=2, progress=False)
     windows = tokens[: 2 * CTX].view(2, CTX)
