@@ -28,7 +28,7 @@ ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, 
 
 
 @torch.inference_mode()
-def profile_step_memory(model, model_cfg: ModelConfig, cfg: EngineConfig) -> int:
+def profile_step_memory(model, cfg: EngineConfig) -> int:
     """Bytes the largest step needs beyond the weights (vLLM's profile run): a cache-less forward of
     `max_num_batched_tokens` tokens in sequences of at most `max_model_len`, then the logits and the
     sampler's working set (a sort and softmax of fp32 logits) for `max_num_seqs` rows."""
@@ -64,7 +64,7 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
         for a in model.attention_layers()
     )
     if cfg.device.startswith("cuda"):
-        peak = profile_step_memory(model, model_cfg, cfg)
+        peak = profile_step_memory(model, cfg)
         free, total = torch.cuda.mem_get_info()
         budget = free - (1 - cfg.gpu_memory_utilization) * total - peak - reserve - ACTIVATION_MARGIN
         return max(0, int(budget // per_block))
@@ -272,10 +272,6 @@ class ModelRunner:
         gc.collect()
         torch.cuda.empty_cache()
         return used
-
-    def run(self, batch: list[ScheduledSeq]) -> tuple[list[int], list[TokenLogprob | None]]:
-        """Forward the batch and read back the tokens of the sequences it samples (in batch order)."""
-        return self.launch(batch).result()
 
     @torch.inference_mode()
     def launch(self, batch: list[ScheduledSeq]) -> "InFlight":
