@@ -128,7 +128,7 @@ def test_acc_and_acc_norm_choose_differently(tiny):
     report = score_tasks(model, tok, [task], progress=False)
     # one item: no sample standard deviation, so no stderr (the harness would divide by n - 1 = 0)
     assert report["tasks"]["toy"] == {"acc": 0.0, "acc_stderr": None, "acc_norm": 1.0, "acc_norm_stderr": None,
-                                      "samples": 1}
+                                      "samples": 1, "outcomes": "0"}
     assert report["average_acc_stderr"] is None
     assert report["average_acc"] == 0.0
 
@@ -144,18 +144,22 @@ def test_multiple_choice_and_lambada_metrics(tiny):
     wino = [ref_score(ref, *encode_pair(tok, *r))[0] for r in mc.items[0].requests]
     assert wino[0] != wino[1]
     # the same pair, once right and once wrong: outcomes (1, 0), sample stddev sqrt(0.5), stderr 0.5
-    assert report["tasks"]["mc"] == {"acc": 0.5, "acc_stderr": pytest.approx(0.5), "samples": 2}
+    outcomes = "10" if wino[0] > wino[1] else "01"
+    assert report["tasks"]["mc"] == {"acc": 0.5, "acc_stderr": pytest.approx(0.5), "samples": 2, "outcomes": outcomes}
     scores = [ref_score(ref, *encode_pair(tok, *item.requests[0])) for item in lam.items]
     acc = sum(g for _, g in scores) / 2
     want = {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc)),  # sqrt(acc (1 - acc) / (n - 1)), n = 2
             "perplexity": math.exp(-sum(ll for ll, _ in scores) / 2), "samples": 2}
-    assert report["tasks"]["lam"] == pytest.approx(want, rel=1e-5)
+    lam_report = dict(report["tasks"]["lam"])
+    assert lam_report.pop("outcomes") == "".join("1" if g else "0" for _, g in scores)
+    assert lam_report == pytest.approx(want, rel=1e-5)
     assert report["average_acc"] == pytest.approx((0.5 + want["acc"]) / 2)
     assert report["average_acc_stderr"] == pytest.approx(math.hypot(0.5, want["acc_stderr"]) / 2)
     # metrics from given results, ties resolved to the first choice as numpy's argmax does
     tie = Task("t", MULTIPLE_CHOICE, ("acc", "acc_norm"), [choice_item("c", ["ab", "cd"], gold=0)])
     assert task_metrics(tie, [[(-1.0, False), (-1.0, False)]]) == {"acc": 1.0, "acc_stderr": None, "acc_norm": 1.0,
-                                                                   "acc_norm_stderr": None, "samples": 1}
+                                                                   "acc_norm_stderr": None, "samples": 1,
+                                                                   "outcomes": "1"}
 
 
 def test_evaluate_shipped_tasks(tiny):
@@ -165,7 +169,7 @@ def test_evaluate_shipped_tasks(tiny):
     for name, metrics in report["tasks"].items():
         assert metrics["samples"] == 1
         stderrs = {f"{m}_stderr" for m in TASKS[name].metrics if m != "perplexity"}
-        assert set(metrics) == {*TASKS[name].metrics, *stderrs, "samples"}
+        assert set(metrics) == {*TASKS[name].metrics, *stderrs, "samples", "outcomes"}
         assert 0 <= metrics["acc"] <= 1
     assert report["average_acc"] == pytest.approx(sum(m["acc"] for m in report["tasks"].values()) / len(TASKS))
     with pytest.raises(LowbitError, match="no tasks"):

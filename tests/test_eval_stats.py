@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from lowbit.eval.accuracy_table import TASKS, render, task_stats
-from lowbit.eval.harness import acc_stderr, difference_in_stderrs, mean_of_means_stderr
+from lowbit.eval.accuracy_table import TASKS, render, task_stats, versus
+from lowbit.eval.harness import acc_stderr, difference_in_stderrs, mean_of_means_stderr, paired_difference
 
 
 def test_acc_stderr_by_hand():
@@ -40,8 +40,25 @@ def test_mean_of_means_and_difference_by_hand():
     assert difference_in_stderrs(0.4, 0.0, 0.3, 0.0) is None
 
 
-def _result(name: str, accs: list[float], n: int | None = 100) -> dict:
-    tasks = {t: {"acc": a, **({} if n is None else {"samples": n})} for t, a in zip(TASKS, accs)}
+def test_paired_difference_by_hand():
+    # items: both right, a only, b only, a only -> differences 0, 1, -1, 1: mean 0.25,
+    # sample variance ((0.25² + 0.75² + 1.25² + 0.75²) / 3) = 11/12, stderr sqrt(11/12 / 4)
+    diff, se = paired_difference("1101", "1010")
+    assert diff == pytest.approx(0.25)
+    assert se == pytest.approx(math.sqrt(11 / 48))
+    assert paired_difference("1100", "1100") == (0.0, 0.0)  # the same answers: no noise at all
+    assert paired_difference("1", "0") == (1.0, None)
+    with pytest.raises(ValueError):
+        paired_difference("10", "101")
+    # agreeing items shrink the error below the independent estimate of the same two accuracies
+    a, b = "1" * 60 + "0" * 40, "1" * 55 + "0" * 45
+    _, paired = paired_difference(a, b)
+    assert paired < math.hypot(acc_stderr(0.6, 100), acc_stderr(0.55, 100)) / 3
+
+
+def _result(name: str, accs: list[float], n: int | None = 100, outcomes: dict | None = None) -> dict:
+    tasks = {t: {"acc": a, **({} if n is None else {"samples": n}),
+                 **({} if outcomes is None else {"outcomes": outcomes[t]})} for t, a in zip(TASKS, accs)}
     return {"recipe": name, "bits": "w4a16", "bits_per_weight": 4.34, "ppl": 30.0, "calib": "-", "quantize_s": 1.0,
             "device": "cpu", "date": "2026-01-01", "commit": "abc1234", "windows": 1, "ctx": 8, "tokens": 8,
             "tasks": {"tasks": tasks, "average_acc": sum(accs) / len(accs)}, "tasks_s": 1.0}
@@ -71,3 +88,20 @@ def test_item_count_from_the_shipped_data_when_not_recorded():
     assert per_task["piqa"][1] == pytest.approx(math.sqrt(0.25 / 1837))  # 1838 PIQA validation items
     limited = {**_result("bf16", [0.5] * 6, n=None), "task_limit": 5}
     assert task_stats(limited)[0]["boolq"][1] == pytest.approx(math.sqrt(0.25 / 4))
+
+
+def test_versus_rtn_is_paired_when_outcomes_are_on_file(tmp_path):
+    # every task: 4 items, the recipe right on "1101", RTN on "1010" -> +0.25 each, se sqrt(11/48) each;
+    # the average: +0.25 with se sqrt(6 * 11/48) / 6
+    mine = _result("w4a16", [0.75] * 6, n=4, outcomes={t: "1101" for t in TASKS})
+    rtn = _result("rtn-w4a16", [0.5] * 6, n=4, outcomes={t: "1010" for t in TASKS})
+    z = 0.25 / (math.sqrt(6 * 11 / 48) / 6)
+    assert versus(mine, rtn) == f"+0.2500 ({z:+.1f} se, paired)"
+    # one task without outcomes: the independent estimate
+    del rtn["tasks"]["tasks"]["piqa"]["outcomes"]
+    z = 0.25 / math.hypot(task_stats(mine)[1][1], task_stats(rtn)[1][1])
+    assert versus(mine, rtn) == f"+0.2500 ({z:+.1f} se)"
+    for r in (_result("bf16", [0.5] * 6), mine, _result("rtn-w4a16", [0.5] * 6, n=4, outcomes={t: "1010" for t in TASKS})):
+        (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
+    assert "se, paired) |" in next(line for line in render(tmp_path).splitlines()
+                                   if line.startswith("| `w4a16` |") and "±" in line)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from lowbit.eval.agreement import kl_agreement
-from lowbit.eval.harness import acc_stderr, difference_in_stderrs, evaluate_tasks, mean_of_means_stderr
+from lowbit.eval.harness import (acc_stderr, difference_in_stderrs, evaluate_tasks, mean_of_means_stderr,
+                                 paired_difference)
 from lowbit.eval.tasks import load_task
 from lowbit.eval.perplexity import dataset_tokens, perplexity
 from lowbit.models.loader import build_model, load_model_files
@@ -151,6 +152,22 @@ def task_stats(r: dict) -> tuple[dict[str, tuple[float, float | None]], tuple[fl
     return per_task, (avg, mean_of_means_stderr([se for _, se in per_task.values()]))
 
 
+def versus(r: dict, other: dict) -> str:
+    """`r`'s task average minus `other`'s, and that difference in standard errors: paired over the items
+    when both files hold every task's per-item outcomes, else from the two averages' errors as if
+    independent (which overstates the noise: both are scored on the same items)."""
+    ta, tb = r["tasks"]["tasks"], other["tasks"]["tasks"]
+    if all("outcomes" in ta[t] and "outcomes" in tb.get(t, {}) for t in ta):
+        diffs = [paired_difference(ta[t]["outcomes"], tb[t]["outcomes"]) for t in ta]
+        diff = sum(d for d, _ in diffs) / len(diffs)
+        se = mean_of_means_stderr([s for _, s in diffs])
+        z = None if not se else diff / se
+        return f"{diff:+.4f}" + ("" if z is None else f" ({z:+.1f} se, paired)")
+    (avg, avg_se), (o_avg, o_se) = task_stats(r)[1], task_stats(other)[1]
+    z = difference_in_stderrs(avg, avg_se, o_avg, o_se)
+    return f"{avg - o_avg:+.4f}" + ("" if z is None else f" ({z:+.1f} se)")
+
+
 def render(results_dir: Path) -> str:
     res = _load(results_dir)
     base = res["bf16"]
@@ -187,8 +204,10 @@ def render(results_dir: Path) -> str:
                       "(sqrt(acc (1 - acc) / (n - 1)) over a task's n items); the average's is that of an "
                       "unweighted mean of independent task accuracies, sqrt(sum of se²) / "
                       f"{len(TASKS)}. vs RTN (avg): the recipe's average minus its RTN baseline's, and that "
-                      "difference in combined standard errors, sqrt(se_a² + se_b²). Both are scored on the same "
-                      "items, so treating them as independent overstates the noise of the difference.", "",
+                      "difference in standard errors. \"paired\": both were scored on the same items, so the "
+                      "error is that of the per-item differences (sample stddev / sqrt(n) per task, combined over "
+                      "the tasks as above); without per-item outcomes on file, the combined errors "
+                      "sqrt(se_a² + se_b²), which overstate the noise of the difference.", "",
                   "| recipe | " + " | ".join(TASKS) + " | average acc | vs RTN (avg) | tasks s |",
                   "| --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- | --- |"]
         for name in with_tasks:
@@ -200,11 +219,7 @@ def render(results_dir: Path) -> str:
                 extra = f" [{m['acc_norm']:.3f}]" if "acc_norm" in m else (
                     f" (ppl {m['perplexity']:.1f})" if "perplexity" in m else "")
                 cells.append(f"{_pm(*per_task[task], 3)}{extra}")
-            vs = ""
-            if f"rtn-{name}" in stats:
-                rtn_avg, rtn_se = stats[f"rtn-{name}"][1]
-                z = difference_in_stderrs(avg, avg_se, rtn_avg, rtn_se)
-                vs = f"{avg - rtn_avg:+.4f}" + ("" if z is None else f" ({z:+.1f} se)")
+            vs = versus(r, res[f"rtn-{name}"]) if f"rtn-{name}" in stats else ""
             lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pm(avg, avg_se, 4)} | {vs} | {r['tasks_s']} |")
     variants = [v for v in VARIANTS if v in res]
     if variants:

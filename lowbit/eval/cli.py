@@ -97,7 +97,7 @@ def render(result: dict) -> str:
         pm = lambda se: "" if se is None else f" ± {se:.4f}"  # noqa: E731
         for name, m in result["tasks"]["tasks"].items():
             extra = "".join(f"  {k} {v:.4f}{pm(m.get(k + '_stderr'))}" for k, v in m.items()
-                            if k not in ("acc", "samples") and not k.endswith("_stderr"))
+                            if k not in ("acc", "samples", "outcomes") and not k.endswith("_stderr"))
             lines.append(f"{name:15s} acc {m['acc']:.4f}{pm(m.get('acc_stderr'))}{extra}  (n={m['samples']})")
         lines.append(f"{'average':15s} acc {result['tasks']['average_acc']:.4f}"
                      f"{pm(result['tasks'].get('average_acc_stderr'))}")

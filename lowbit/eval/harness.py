@@ -153,20 +153,41 @@ def _argmax(values: list[float]) -> int:
 
 
 def task_metrics(task: Task, results: list[list[tuple[float, bool]]]) -> dict:
-    """The task's metrics from its items' (log-likelihood, is_greedy) results, item by item."""
+    """The task's metrics from its items' (log-likelihood, is_greedy) results, item by item.
+    `outcomes`: each item's `acc` as "1" (right) or "0", in item order, for paired comparisons."""
     n = len(task.items)
     if task.output_type == LOGLIKELIHOOD:
         lls, greedy = zip(*(r[0] for r in results))
         acc = sum(greedy) / n
-        return {"acc": acc, "acc_stderr": acc_stderr(acc, n), "perplexity": math.exp(-sum(lls) / n), "samples": n}
+        return {"acc": acc, "acc_stderr": acc_stderr(acc, n), "perplexity": math.exp(-sum(lls) / n), "samples": n,
+                "outcomes": _outcomes(greedy)}
     lls = [[ll for ll, _ in res] for res in results]
-    acc = sum(_argmax(ll) == item.gold for ll, item in zip(lls, task.items)) / n
+    right = [_argmax(ll) == item.gold for ll, item in zip(lls, task.items)]
+    acc = sum(right) / n
     out = {"acc": acc, "acc_stderr": acc_stderr(acc, n)}
     if "acc_norm" in task.metrics:
         norm = sum(_argmax([x / len(c) for x, c in zip(ll, item.choices, strict=True)]) == item.gold
                    for ll, item in zip(lls, task.items)) / n
         out.update(acc_norm=norm, acc_norm_stderr=acc_stderr(norm, n))
-    return {**out, "samples": n}
+    return {**out, "samples": n, "outcomes": _outcomes(right)}
+
+
+def _outcomes(right) -> str:
+    return "".join("1" if r else "0" for r in right)
+
+
+def paired_difference(a: str, b: str) -> tuple[float, float | None]:
+    """Accuracy of `a` minus that of `b`, scored on the same items (`outcomes` strings), and the standard
+    error of that difference from the per-item differences (sample stddev / sqrt(n)): items both get
+    right or both get wrong add no noise, so it is tighter than combining the two accuracies' errors."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired outcomes must cover the same items, got {len(a)} and {len(b)}")
+    d = [int(x) - int(y) for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    if n < 2:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
 
 
 def score_tasks(model, tokenizer, tasks: list[Task], batch_size: int = 8, progress: bool = True) -> dict:
