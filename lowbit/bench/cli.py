@@ -1,4 +1,4 @@
-"""`lowbit bench throughput|serve|kernels|e2e|profile`; the first two follow vLLM's benchmark conventions,
+"""`lowbit bench throughput|serve|kernels|e2e|profile|sass`; the first two follow vLLM's benchmark conventions,
 the others hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
@@ -80,9 +80,12 @@ def register(sub) -> dict:
     pf = kinds.add_parser("profile", help="where an engine step's time goes, per phase and kernel "
                                           "(lowbit bench profile --help)", add_help=False, prefix_chars="\0")
     pf.add_argument("argv", nargs="*")
+    ss = kinds.add_parser("sass", help="instruction counts of our kernels' main loops, compiled for sm_90a "
+                                       "without a GPU (lowbit bench sass --help)", add_help=False, prefix_chars="\0")
+    ss.add_argument("argv", nargs="*")
 
     handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
-                "profile": _main("profile")}
+                "profile": _main("profile"), "sass": _main("sass")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 

@@ -1,0 +1,180 @@
+"""Static instruction counts of our kernels' main loops, compiled for Hopper (sm_90a) on any machine.
+
+    python -m lowbit.bench sass                       # every preset, a table
+    python -m lowbit.bench sass --kernel decode-kv4 --json
+
+Triton compiles a kernel for a GPU it does not see (ptxas and cuobjdump ship with it), so the SASS
+of a change can be read without a GPU. For each innermost loop (a backward branch and the
+instructions it jumps back over) this reports the instruction count per iteration of one thread, the
+mix by opcode, and the bytes of operands one iteration of the whole program moves: at the H200's
+roof an SM must take in about 16 B per clock, and it issues at most 4 warp instructions per clock, so
+bytes per warp instruction bounds the share of the roof a kernel can reach. Local-memory traffic
+(LDL/STL: register spills) is counted apart. The numbers are what the compiler emits, not what the
+GPU achieves: they guide a change, the benchmarks measure it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """One kernel launch as the engine makes it: the jit function, argument types, constexprs."""
+    name: str
+    kernel: str  # module:function
+    types: dict  # argument name -> Triton type ("*bf16", "i32", ...); the rest are constexprs
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    bytes_per_iter: int  # operand bytes one loop iteration of one program reads
+    note: str
+    aligned_ints: tuple = ()  # integer arguments that are multiples of 16 at the engine's shapes
+
+
+def _decode_preset(bits: int) -> Preset:
+    """Llama-3-8B's attention (8 KV heads of 128, GQA 4) at the engine's block size 16, the launch
+    `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width)."""
+    from lowbit.kernels.paged_attention import DecodeConfig
+
+    cfg = DecodeConfig(block_n=64) if bits == 16 else DecodeConfig()
+    cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
+    sz = "*fp32" if bits != 16 else "*bf16"
+    types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
+                 o_ptr="*bf16", po_ptr="*fp32", plse_ptr="*fp32", sm_scale="fp32", stride_qb="i32",
+                 stride_qh="i32", stride_bt="i32", per_split="i32")
+    d = 128
+    per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
+    return Preset(f"decode-kv{bits}" if bits != 16 else "decode-bf16",
+                  "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
+                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n, SPLITS=4, ASM=True),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
+                  f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
+                  ("stride_qb", "stride_qh", "stride_bt", "per_split"))
+
+
+def presets() -> dict[str, Preset]:
+    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16))}
+
+
+def _jit_function(path: str):
+    import importlib
+
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def compile_sm90(preset: Preset) -> bytes:
+    """The preset's cubin for sm_90a (no GPU needed)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise LowbitError("sass: TRITON_INTERPRET=1 is set; the interpreter compiles nothing (unset it)")
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        raise LowbitError("sass: needs triton (pip install triton)") from None
+    fn = _jit_function(preset.kernel)
+    names = fn.arg_names
+    unknown = sorted((set(preset.types) | set(preset.constexprs)) - set(names))
+    if unknown:
+        raise LowbitError(f"sass: {preset.name}: {fn.__name__} has no argument(s) {', '.join(unknown)}")
+    signature = {n: preset.types.get(n, "constexpr") for n in names}
+    # as Triton's launcher specializes: 16-byte aligned pointers (torch's allocations) and ints % 16 == 0
+    aligned = [n for n, t in preset.types.items() if t.startswith("*") or n in preset.aligned_ints]
+    src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in preset.constexprs.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=preset.num_warps, num_stages=preset.num_stages))
+    return compiled.asm["cubin"]
+
+
+def disassemble(cubin: bytes) -> str:
+    import triton.backends.nvidia as nv  # the backend ships ptxas and cuobjdump
+
+    tool = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    if not tool.is_file():
+        raise LowbitError(f"sass: no cuobjdump at {tool}")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True, text=True).stdout
+
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?\.?L?_?x?(0x[0-9a-f]+)")
+
+
+def instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, opcode without predicate or modifiers) of every instruction."""
+    out = []
+    for line in sass.splitlines():
+        m = _LINE.match(line)
+        if m:
+            text = re.sub(r"^@!?U?P\w+\s+", "", m.group(2))
+            out.append((int(m.group(1), 16), text))
+    return out
+
+
+def loops(sass: str) -> list[dict]:
+    """Innermost loops: `[start, end]` address ranges that a backward branch closes and that hold no
+    other such range, each with its instruction count and opcode mix."""
+    ins = instructions(sass)
+    ranges = []
+    for addr, text in ins:
+        m = _BRANCH.search(text)
+        if m and text.startswith("BRA") and int(m.group(1), 16) < addr:
+            ranges.append((int(m.group(1), 16), addr))
+    inner = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    result = []
+    for start, end in inner:
+        mix = collections.Counter(text.split()[0].split(".")[0] for a, text in ins if start <= a <= end)
+        result.append(dict(start=start, end=end, instructions=sum(mix.values()), mix=dict(mix.most_common())))
+    return result
+
+
+def report(preset: Preset) -> dict:
+    body = max(loops(disassemble(compile_sm90(preset))), key=lambda lp: lp["instructions"], default=None)
+    if body is None:
+        raise LowbitError(f"sass: {preset.name}: no loop in the compiled kernel")
+    warps = preset.num_warps
+    mix = body["mix"]
+    return dict(kernel=preset.name, note=preset.note, num_warps=warps, num_stages=preset.num_stages,
+                constexprs=preset.constexprs, loop_instructions=body["instructions"],
+                warp_instructions=body["instructions"] * warps, bytes_per_iter=preset.bytes_per_iter,
+                bytes_per_warp_instruction=round(preset.bytes_per_iter / (body["instructions"] * warps), 2),
+                spills=mix.get("LDL", 0) + mix.get("STL", 0), mix=mix)
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| kernel | warps | stages | instructions / iteration (thread) | bytes / iteration | B / warp instruction "
+             "| spill LDL+STL | top opcodes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        top = ", ".join(f"{k} {v}" for k, v in list(r["mix"].items())[:8])
+        lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['loop_instructions']} | "
+                     f"{r['bytes_per_iter']} | {r['bytes_per_warp_instruction']} | {r['spills']} | {top} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    known = presets()
+    p = argparse.ArgumentParser(prog="lowbit bench sass", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", action="append", choices=sorted(known), help="preset(s) to compile (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    args = p.parse_args(argv)
+    rows = [report(known[name]) for name in (args.kernel or sorted(known))]
+    print(json.dumps(rows, indent=1) if args.json else render(rows))
+
+
+if __name__ == "__main__":
+    main()
