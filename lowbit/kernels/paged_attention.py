@@ -14,9 +14,11 @@ of the context); the group's query heads share each K/V tile. Codes enter fp16 M
 conversion: a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left
 in place, gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two
 codes per 32-bit op. Scale and zero are folded out per token:
-`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way. A 16-bit
+`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way; the
+MMA's accumulator starts at `-1024 sum(q)`, and scores are kept in log2 units (exp2). A 16-bit
 cache enters the MMAs as it is (query and probabilities in its dtype). Long contexts are split
-across programs and merged by log-sum-exp (flash-decoding).
+across programs and merged by log-sum-exp (flash-decoding). `lowbit bench sass` counts the main
+loop's instructions (compiled for sm_90a without a GPU).
 """
 from __future__ import annotations
 
@@ -166,14 +168,10 @@ _INT4_FP16_ASM = tl.constexpr("""{
 .reg .b32 t0, t1;
 prmt.b32 t0, $4, 0, 0x4140;
 prmt.b32 t1, $4, 0, 0x4342;
-and.b32 $0, t0, 0x000F000F;
-or.b32 $0, $0, 0x64006400;
-and.b32 $1, t1, 0x000F000F;
-or.b32 $1, $1, 0x64006400;
-and.b32 $2, t0, 0x00F000F0;
-or.b32 $2, $2, 0x64006400;
-and.b32 $3, t1, 0x00F000F0;
-or.b32 $3, $3, 0x64006400;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xea;
+lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xea;
 }""")
 
 _INT8_FP16_ASM = tl.constexpr("""{
@@ -186,20 +184,23 @@ or.b32 $1, t, 0x64006400;
 
 
 @triton.jit
-def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr):
+def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr = True):
     """uint8 code tile -> fp16 planes: int8 (1024 + c, unused); int4 (1024 + low, 1024 + 16 high).
-    ASM: bytes moved into the fp16 lanes by PRMT, two values per 32-bit op."""
+    ASM: bytes moved into the fp16 lanes by PRMT, two values per 32-bit op, masked and offset by one
+    LOP3. PURE=False keeps the conversion where it is written: for V (whose MMA operand runs along
+    the tokens, across the cache's rows) Triton would otherwise move the layout change before it and
+    transpose single bytes through shared memory; after it, 16-bit values transpose with ldmatrix."""
     if BITS == 4:
         if ASM:
             a, b = tl.inline_asm_elementwise(_INT4_FP16_ASM, "=r,=r,=r,=r,r", [c],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+                                             dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
         else:
             a = ((c & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
             b = ((c & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
     else:
         if ASM:
             a = tl.inline_asm_elementwise(_INT8_FP16_ASM, "=r,=r,r", [c], dtype=tl.float16,
-                                          is_pure=True, pack=4)
+                                          is_pure=PURE, pack=4)
         else:
             a = (c.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
         b = a
@@ -241,6 +242,9 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     l_i = tl.zeros([BH], tl.float32)
     acc_a = tl.zeros([BH, DC], tl.float32)
     acc_b = tl.zeros([BH, DC], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
+    if BITS != 16:
+        minus_q1024 = tl.zeros([BH, BN], tl.float32) - q_1024[:, None]  # the MMAs' accumulator init
     for t0 in range(start, end, BN):
         offs_t = t0 + tl.arange(0, BN)
         t_ok = offs_t < end
@@ -248,19 +252,19 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         row = (blk * BS + offs_t % BS) * HKV + kvh
         kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
         if BITS == 16:
-            scores = tl.dot(qa, tl.trans(kc)) * sm_scale
+            scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
-            k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0)
-            k_z = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+            k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0) * qk_scale
+            k_zs = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0) * k_s
             ka, kb = _codes_fp16(kc, BITS, ASM)
-            raw = tl.dot(qa, tl.trans(ka))
+            raw = tl.dot(qa, tl.trans(ka), minus_q1024)
             if BITS == 4:
                 raw = tl.dot(qb, tl.trans(kb), raw)
-            scores = (raw - q_1024[:, None] - qsum[:, None] * k_z[None, :]) * (k_s * sm_scale)[None, :]
+            scores = raw * k_s[None, :] - qsum[:, None] * k_zs[None, :]
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
         vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
@@ -271,7 +275,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
             v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
             pv = (p * v_s[None, :]).to(tl.float16)
             pvf = pv.to(tl.float32)
-            va, vb = _codes_fp16(vc, BITS, ASM)
+            va, vb = _codes_fp16(vc, BITS, ASM, False)
             corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
             acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
             if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
@@ -291,7 +295,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
         if BITS == 4:
             tl.store(po_ptr + part * D + 2 * offs_c[None, :] + 1, acc_b * inv_l, mask=h_ok)
-        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(plse_ptr + part, lse[:, None], mask=h_ok)
 
 
