@@ -81,3 +81,39 @@ def test_fused_model_keeps_its_logits_and_its_state_dict():
     assert all(layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers)
     assert set(model.state_dict()) == keys  # the fused Linears are not modules of the tree
     assert testing.rel_err(got, want.double()) < 1e-5
+
+
+@pytest.mark.parametrize("recipe,token_dtype", [("w4a8kv4", torch.int8), ("w8a8", torch.int8),
+                                                ("fp8", torch.float8_e4m3fn)])
+def test_norms_and_silu_quantize_for_the_fused_kernels(monkeypatch, recipe, token_dtype):
+    """With kernel-format linears, the norms hand q/k/v and gate/up their per-token codes (rmsnorm_quant)
+    and SiLU-mul hands down_proj its codes (silu_mul_quant): the same function as normalizing, then
+    quantizing in the Linear (fp32 here, so the same codes)."""
+    from lowbit.kernels import actquant
+    from lowbit.quant.recipes import RECIPES
+
+    model, _, cfg = load_random_model("tiny", recipe=RECIPES[recipe], seed=int(testing.gen().initial_seed() % 2**31))
+    for layer in model.model.layers:
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            assert lin.quant_method.prepare_kernel()  # the kernels' torch references on the CPU
+    ids = torch.randint(0, cfg.vocab_size, (12,))
+    positions = torch.cat([torch.arange(7), torch.arange(5)])
+    ctx = AttentionContext.cacheless([7, 5], "cpu")
+    calls = {"rmsnorm_quant": 0, "silu_mul_quant": 0}
+    for name in calls:
+        def counted(*a, _f=getattr(actquant, name), _n=name, **k):
+            calls[_n] += 1
+            return _f(*a, **k)
+        monkeypatch.setattr(actquant, name, counted)
+    import lowbit.models.llama as llama
+    monkeypatch.setattr(llama, "silu_mul_quant", actquant.silu_mul_quant)
+    with torch.inference_mode():
+        want = model.compute_logits(model(ids, positions, ctx))
+        assert calls == {"rmsnorm_quant": 0, "silu_mul_quant": 0}
+        model.fuse_projections()
+        got = model.compute_logits(model(ids, positions, ctx))
+    layers = model.model.layers
+    assert all(la.attn_input == la.mlp_input == la.mlp.down_input == token_dtype for la in layers)
+    assert calls == {"rmsnorm_quant": 2 * len(layers), "silu_mul_quant": len(layers)}
+    assert testing.rel_err(got, want.double()) < 1e-5

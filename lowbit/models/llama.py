@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import ModelConfig
+from lowbit.kernels.actquant import silu_mul_quant
 from lowbit.layers.attention import Attention
 from lowbit.layers.context import AttentionContext
 from lowbit.layers.linear import Linear, fuse_linears
 from lowbit.layers.norm import RMSNorm
 from lowbit.layers.rotary import RotaryEmbedding
+from lowbit.quant.linear_method import QuantizedActivation
 
 
 class LlamaAttention(nn.Module):
@@ -54,8 +56,12 @@ class LlamaMLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.gate_up = None  # gate/up as one Linear (`LlamaForCausalLM.fuse_projections`)
+        self.down_input = None  # set with gate_up: the codes down_proj's kernel reads (SiLU-mul-quantize fused)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if self.down_input is not None:
+            h = self.gate_up(x)
+            return self.down_proj(QuantizedActivation(*silu_mul_quant(h, self.down_input), h.dtype))
         gate, up = self.gate_up(x).chunk(2, -1) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
         return self.down_proj(F.silu(gate) * up)
 
@@ -67,10 +73,15 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
+        # per-token codes the fused qkv / gate_up kernels read: the norms quantize in one pass (fuse_projections)
+        self.attn_input = self.mlp_input = None
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor, token_dtype):
+        return norm(x) if token_dtype is None else norm.quantized(x, token_dtype)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(positions, self._norm(self.input_layernorm, x, self.attn_input), ctx)
+        return x + self.mlp(self._norm(self.post_attention_layernorm, x, self.mlp_input))
 
 
 class LlamaModel(nn.Module):
@@ -85,6 +96,13 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             x = layer(positions, x, ctx)
         return self.norm(x)
+
+
+def _token_dtype(linear: Linear | None) -> torch.dtype | None:
+    """The per-token codes `linear`'s kernel reads, when its producer may hand them over quantized."""
+    if linear is None or linear.quant_method is None or linear.online_hadamard:
+        return None
+    return linear.quant_method.token_dtype()
 
 
 class LlamaForCausalLM(nn.Module):
@@ -108,6 +126,8 @@ class LlamaForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             object.__setattr__(attn, "qkv", fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj]))
             object.__setattr__(mlp, "gate_up", fuse_linears([mlp.gate_proj, mlp.up_proj]))
+            layer.attn_input, layer.mlp_input = _token_dtype(attn.qkv), _token_dtype(mlp.gate_up)
+            mlp.down_input = _token_dtype(mlp.down_proj) if mlp.gate_up is not None else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

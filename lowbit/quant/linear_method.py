@@ -18,6 +18,19 @@ OUTLIER_ACT = QuantSpec(bits=8, granularity="channel")  # Atom: outlier channels
 
 
 @dataclass
+class QuantizedActivation:
+    """An input already quantized per token by the kernel that produced it (`rmsnorm_quant`,
+    `silu_mul_quant`), for Linears whose kernel reads that format (`QuantLinearMethod.token_dtype`)."""
+    q: torch.Tensor  # [T, K] int8 or float8_e4m3fn
+    scale: torch.Tensor  # [T] fp32
+    dtype: torch.dtype  # the activations' own dtype, which the layer's output takes
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+@dataclass
 class QuantLinearMethod:
     """segments: [(start, stop, QTensor)] over the input columns, or a ProgressiveWeight; None once
     released for serving, when the kernel's layout (`kernel`) is all that is kept (`install`)."""
@@ -78,17 +91,25 @@ class QuantLinearMethod:
             self.kernel = prepare_w8a8(qt.codes, qt.scale)
         return fmt is not None
 
-    def _apply_kernel(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def token_dtype(self) -> torch.dtype | None:
+        """The per-token activation codes this layer's kernel reads (int8 or fp8), None without a kernel."""
+        if self.kernel is None:
+            return None
+        return torch.float8_e4m3fn if self.activation.dtype == "fp8" else torch.int8
+
+    def _apply_kernel(self, layer, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         from lowbit.kernels.actquant import quant_per_token
         from lowbit.kernels.w4a8 import W4A8Weight, w4a8_gemm
         from lowbit.kernels.w8a8 import w8a8_gemm
 
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        fp8 = self.activation.dtype == "fp8"
-        x_q, x_s = quant_per_token(x2, torch.float8_e4m3fn if fp8 else torch.int8)
+        if isinstance(x, QuantizedActivation):
+            x_q, x_s, dtype = x.q, x.scale, x.dtype
+        else:
+            x_q, x_s = quant_per_token(x.reshape(-1, shape[-1]), self.token_dtype())
+            dtype = x.dtype
         gemm = w4a8_gemm if isinstance(self.kernel, W4A8Weight) else w8a8_gemm
-        y = gemm(x_q, x_s, self.kernel).to(x.dtype)
+        y = gemm(x_q, x_s, self.kernel).to(dtype)
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*shape[:-1], -1)
