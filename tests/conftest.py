@@ -30,6 +30,13 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 @pytest.fixture(scope="session")
 def default_tokenizer():
+    """The default model's tokenizer, from its GGUF file; or, where $LOWBIT_TEST_TOKENIZER names a
+    folder it was saved to (`scripts/gpu-check`: the GPU machine lacks the 98 MB file), from there."""
+    saved = os.environ.get("LOWBIT_TEST_TOKENIZER")
+    if saved:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(saved)
     from lowbit.models.loader import _gguf_tokenizer
     from lowbit.models.default import default_model_path
 
