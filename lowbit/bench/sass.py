@@ -9,7 +9,8 @@ instructions it jumps back over) this reports the instruction count per iteratio
 mix by opcode, and the bytes of operands one iteration of the whole program moves: at the H200's
 roof an SM must take in about 16 B per clock, and it issues at most 4 warp instructions per clock, so
 bytes per warp instruction bounds the share of the roof a kernel can reach. Local-memory traffic
-(LDL/STL: register spills) is counted apart. The numbers are what the compiler emits, not what the
+(LDL/STL: register spills) is counted apart, and the registers and shared memory of a program give
+how many programs an SM holds at once. The numbers are what the compiler emits, not what the
 GPU achieves: they guide a change, the benchmarks measure it.
 """
 from __future__ import annotations
@@ -115,10 +116,10 @@ def compile_sm90(preset: Preset) -> bytes:
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=preset.num_warps, num_stages=preset.num_stages))
-    return compiled.asm["cubin"]
+    return compiled.asm["cubin"], compiled.metadata.shared
 
 
-def disassemble(cubin: bytes) -> str:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton.backends.nvidia as nv  # the backend ships ptxas and cuobjdump
 
     tool = Path(nv.__file__).parent / "bin" / "cuobjdump"
@@ -127,7 +128,25 @@ def disassemble(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(tool), "-sass", f.name], check=True, capture_output=True, text=True).stdout
+        return subprocess.run([str(tool), flag, f.name], check=True, capture_output=True, text=True).stdout
+
+
+def disassemble(cubin: bytes) -> str:
+    return _cuobjdump(cubin, "-sass")
+
+
+def registers(cubin: bytes) -> int:
+    """Registers per thread, as ptxas allocated them."""
+    m = re.search(r"REG:(\d+)", _cuobjdump(cubin, "-res-usage"))
+    if m is None:
+        raise LowbitError("sass: cuobjdump -res-usage reported no register count")
+    return int(m.group(1))
+
+
+def programs_per_sm(regs: int, shared: int, warps: int) -> int:
+    """Resident programs per H100/H200 SM: 64K registers, 228 KB of shared memory (1 KB of it
+    reserved per block), 64 warps."""
+    return min(65536 // (regs * 32 * warps), (228 * 1024) // (shared + 1024), 64 // warps)
 
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
@@ -163,7 +182,8 @@ def loops(sass: str) -> list[dict]:
 
 
 def report(preset: Preset) -> dict:
-    body = max(loops(disassemble(compile_sm90(preset))), key=lambda lp: lp["instructions"], default=None)
+    cubin, shared = compile_sm90(preset)
+    body = max(loops(disassemble(cubin)), key=lambda lp: lp["instructions"], default=None)
     if body is None:
         raise LowbitError(f"sass: {preset.name}: no loop in the compiled kernel")
     warps = preset.num_warps
@@ -172,16 +192,20 @@ def report(preset: Preset) -> dict:
                 constexprs=preset.constexprs, loop_instructions=body["instructions"],
                 warp_instructions=body["instructions"] * warps, bytes_per_iter=preset.bytes_per_iter,
                 bytes_per_warp_instruction=round(preset.bytes_per_iter / (body["instructions"] * warps), 2),
-                spills=mix.get("LDL", 0) + mix.get("STL", 0), mix=mix)
+                spills=mix.get("LDL", 0) + mix.get("STL", 0), registers=(regs := registers(cubin)), shared=shared,
+                programs_per_sm=programs_per_sm(regs, shared, warps), mix=mix)
 
 
 def render(rows: list[dict]) -> str:
     lines = ["| kernel | warps | stages | instructions / iteration (thread) | bytes / iteration | B / warp instruction "
-             "| spill LDL+STL | top opcodes |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| spill LDL+STL | registers | shared KB | programs / SM | top opcodes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["mix"].items())[:8])
+        occupancy = (f"{r['registers']} | {r['shared'] / 1024:.1f} | {r['programs_per_sm']}" if "registers" in r
+                     else "| |")  # rows recorded before these columns
         lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['loop_instructions']} | "
-                     f"{r['bytes_per_iter']} | {r['bytes_per_warp_instruction']} | {r['spills']} | {top} |")
+                     f"{r['bytes_per_iter']} | {r['bytes_per_warp_instruction']} | {r['spills']} | {occupancy} | {top} |")
     return "\n".join(lines)
 
 
