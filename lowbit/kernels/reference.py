@@ -55,6 +55,26 @@ def w4a4_gemm(x4: torch.Tensor, xs4: torch.Tensor, x8: torch.Tensor, xs8: torch.
     return out.to(torch.bfloat16)
 
 
+def rmsnorm(x, weight, eps):
+    """Hugging Face's LlamaRMSNorm: normalized in fp32, rounded to x's dtype, times the weight."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(positions, q, k, inv_freq):
+    """Hugging Face's rotate-half rotary embedding (cos and sin rounded to q's dtype)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(q.dtype)[:, None, :], emb.sin().to(q.dtype)[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
 def _quantize_rows(y: torch.Tensor, amax: torch.Tensor, out_dtype: torch.dtype):
     fp8 = out_dtype == torch.float8_e4m3fn
     scale = amax / (448.0 if fp8 else 127.0)

@@ -1,0 +1,95 @@
+"""RMSNorm and the rotary embedding in one pass each, for 16-bit activations on CUDA.
+
+Hugging Face's Llama computes both in several torch ops (the norm: upcast, square, mean, rsqrt,
+scale, downcast, weight; the rotary embedding: cos, sin, rotate-half by a negation and a
+concatenation, two products and a sum), each a full read and write of the activations. These
+kernels read and write them once and round where HF's ops round, so they give HF's values: the norm
+rounds the normalized row to the input's dtype before the weight multiplies it; the rotary
+embedding rounds cos and sin to the activations' dtype, then each product and the sum.
+fp32 tensors and CPU tensors take the torch reference (`reference.rmsnorm`, `reference.rotary`).
+"""
+from __future__ import annotations
+
+import torch
+
+from lowbit.kernels import reference
+from lowbit.kernels.common import tl, triton, use_triton
+
+
+def _kernel_dtype(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def rmsnorm_triton(x, weight, eps):
+    h = x.shape[-1]
+    x2 = x.reshape(-1, h)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    block = triton.next_power_of_2(h)
+    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, out, h, eps, x2.stride(0), BLOCK=block,
+                                    num_warps=min(16, max(4, block // 1024)))
+    return out.view(*x.shape[:-1], h)
+
+
+def rotary_triton(positions, q, k, inv_freq):
+    t, hq, d = q.shape
+    _rotary_kernel[(t,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                         HQ=hq, HK=k.shape[1], BH=triton.next_power_of_2(max(hq, k.shape[1])), HALF=d // 2,
+                         num_warps=4)
+    return q, k
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * (x / rms(x))` over the last dim, as HF's LlamaRMSNorm computes it."""
+    if _kernel_dtype(x) and x.stride(-1) == 1:
+        return rmsnorm_triton(x, weight, eps)
+    return reference.rmsnorm(x, weight, eps)
+
+
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor):
+    """HF's rotate-half rotary embedding of q `[T, Hq, D]` and k `[T, Hk, D]` at `positions` `[T]`,
+    with `inv_freq` fp32 `[D/2]`. On the kernel path q and k are rotated in place (and returned)."""
+    half = q.shape[-1] // 2
+    if _kernel_dtype(q) and q.stride(-1) == k.stride(-1) == 1 and half & (half - 1) == 0:
+        return rotary_triton(positions, q, k, inv_freq)
+    return reference.rotary(positions, q, k, inv_freq)
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, H, eps, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    xf = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / H + eps)
+    y = (xf * rstd).to(x.dtype).to(tl.float32)  # HF: normalized in fp32, back to the input's dtype
+    w = tl.load(w_ptr + offs, mask=ok, other=0.0)
+    tl.store(o_ptr + row * H + offs, (y * w.to(tl.float32)).to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rotate(ptr, heads, offs, c, s, HEADS: tl.constexpr, HALF: tl.constexpr):
+    ok = heads[:, None] < HEADS
+    x1 = tl.load(ptr + offs, mask=ok, other=0.0)
+    x2 = tl.load(ptr + offs + HALF, mask=ok, other=0.0)
+    dt = x1.dtype
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    # q * cos + rotate_half(q) * sin, with rotate_half(q) = [-x2, x1]: every op rounded to dt, as torch's
+    o1 = (a1 * c).to(dt).to(tl.float32) + (-a2 * s).to(dt).to(tl.float32)
+    o2 = (a2 * c).to(dt).to(tl.float32) + (a1 * s).to(dt).to(tl.float32)
+    tl.store(ptr + offs, o1.to(dt), mask=ok)
+    tl.store(ptr + offs + HALF, o2.to(dt), mask=ok)
+
+
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
+                   HQ: tl.constexpr, HK: tl.constexpr, BH: tl.constexpr, HALF: tl.constexpr):
+    t = tl.program_id(0)
+    offs_d = tl.arange(0, HALF)
+    ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + offs_d)
+    dt = q_ptr.dtype.element_ty
+    c = tl.cos(ang).to(dt).to(tl.float32)[None, :]  # HF casts cos and sin to the activations' dtype
+    s = tl.sin(ang).to(dt).to(tl.float32)[None, :]
+    heads = tl.arange(0, BH)
+    _rotate(q_ptr + t * stride_qt, heads, heads[:, None] * stride_qh + offs_d[None, :], c, s, HQ, HALF)
+    _rotate(k_ptr + t * stride_kt, heads, heads[:, None] * stride_kh + offs_d[None, :], c, s, HK, HALF)
