@@ -20,7 +20,8 @@ from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
 from lowbit.kernels.common import cdiv
 from lowbit.layers.context import AttentionContext, padding_index
-from lowbit.layers.sampler import Sampled, TokenLogprob, draw, to_device
+from lowbit.layers.sampler import Sampled, TokenLogprob, draw
+from lowbit.layers.transfer import copy_to, to_device
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
 MAX_GRAPH_BATCH = 512  # the largest decode batch captured as a CUDA graph (vLLM's default too)
@@ -130,7 +131,7 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         cu_seqlens_q=tensor(hb.cu, torch.int32),
         seq_lens=tensor(hb.seq_lens, torch.int32),
         slot_mapping=tensor(hb.slots, torch.long),
-        block_tables=torch.from_numpy(padded_tables(hb.tables, width, len(hb.tables), -1)).to(device, non_blocking=True),
+        block_tables=to_device(padded_tables(hb.tables, width, len(hb.tables), -1), torch.int32, device),
         cu_seqlens_q_list=hb.cu,
         seq_lens_list=hb.seq_lens,
         decode_seqs=decodes,
@@ -207,8 +208,8 @@ class StaticDecode:
         w = max(len(t) for t in hb.tables)
         for buf, vals in ((self.input_ids, hb.ids + [0] * pad), (self.positions, hb.positions + [0] * pad),
                           (self.slot_mapping, hb.slots + [-1] * pad), (self.seq_lens, hb.seq_lens + [1] * pad)):
-            buf[:size].copy_(torch.tensor(vals, dtype=buf.dtype), non_blocking=True)
-        self.block_tables[:size, :w].copy_(torch.from_numpy(padded_tables(hb.tables, w, size, 0)), non_blocking=True)
+            copy_to(buf[:size], torch.tensor(vals, dtype=buf.dtype))
+        copy_to(self.block_tables[:size, :w], torch.from_numpy(padded_tables(hb.tables, w, size, 0)))
 
     def _forward(self, size: int) -> torch.Tensor:
         ctx = AttentionContext(

@@ -5,13 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.layers.transfer import to_device
+
 
 def padding_index(lens: list[int], device) -> torch.Tensor:
     """Where each token of sequences of `lens` (back to back) sits when each is padded on the right
     to the longest: int64 `[sum(lens)]` into `[len(lens) * max(lens)]`. Built on the host once per
     step, so the attention layers need no device sync to pad and unpad."""
     n = max(lens)
-    return torch.tensor([b * n + i for b, m in enumerate(lens) for i in range(m)], dtype=torch.long, device=device)
+    return to_device([b * n + i for b, m in enumerate(lens) for i in range(m)], torch.long, device)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.engine.sequence import Sequence
+from lowbit.layers.transfer import to_device
 
 
 @dataclass
@@ -61,12 +62,6 @@ def _noise(shape, seqs: list[Sequence], device) -> torch.Tensor:
                 seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
             q[i].exponential_(generator=seq.generator)
     return q
-
-
-def to_device(vals: list, dtype: torch.dtype, device) -> torch.Tensor:
-    """A host list on `device` without waiting for the device: `torch.tensor(..., device=cuda)`
-    synchronizes the stream, which would stall the host behind the GPU work already queued."""
-    return torch.tensor(vals, dtype=dtype).to(device, non_blocking=True)
 
 
 @dataclass
