@@ -94,3 +94,21 @@ def test_dispatch_keeps_fp32_and_the_cpu_on_the_reference():
     assert got[0] is not q  # the reference returns new tensors
     for a, b in zip(got, reference.rotary(positions, q, k, inv)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("t,i", [(1, 1536), (3, 64), (17, 3000)])
+def test_silu_mul_reference_against_float64(t, i):
+    g = testing.gen()
+    x = testing.randn((t, 2 * i), g).float() * 3
+    gate, up = x.double().chunk(2, -1)
+    assert testing.rel_err(reference.silu_mul(x), gate / (1 + torch.exp(-gate)) * up) < 1e-6
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("t,i", [(1, 1536), (3, 64), (17, 3000)])
+def test_silu_mul_kernel_matches_the_reference(t, i):
+    g = testing.gen()
+    x = (testing.randn((t, 2 * i), g) * 3).to(DEV)
+    got = elementwise.silu_mul_triton(x)
+    assert got.shape == (t, i) and got.dtype == torch.bfloat16
+    _mostly_equal(got, reference.silu_mul(x.cpu()))

@@ -7,7 +7,7 @@
 | `w4a16` | `w4a16_gemm`: int4 groups x bf16, small batches | `prepare_w4a16` |
 | `w4a4` | `w4a4_gemm`: int4 groups x int4 groups + int8 outliers (Atom) | `prepare_w4a4` |
 | `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token | - |
-| `elementwise` | `rmsnorm`, `rotary` (in place) for 16-bit activations, rounded as Hugging Face's ops | - |
+| `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
 | `paged_attention` | `kv_cache_write`, `paged_decode_attention` over int8 / int4 KV blocks | - |
 
 `common` holds what they share (int4 layout and SWAR widening, split-K, tile order); `testing`

@@ -1,12 +1,13 @@
-"""RMSNorm and the rotary embedding in one pass each, for 16-bit activations on CUDA.
+"""RMSNorm, the rotary embedding and SiLU-and-mul in one pass each, for 16-bit activations on CUDA.
 
 Hugging Face's Llama computes both in several torch ops (the norm: upcast, square, mean, rsqrt,
 scale, downcast, weight; the rotary embedding: cos, sin, rotate-half by a negation and a
 concatenation, two products and a sum), each a full read and write of the activations. These
 kernels read and write them once and round where HF's ops round, so they give HF's values: the norm
 rounds the normalized row to the input's dtype before the weight multiplies it; the rotary
-embedding rounds cos and sin to the activations' dtype, then each product and the sum.
-fp32 tensors and CPU tensors take the torch reference (`reference.rmsnorm`, `reference.rotary`).
+embedding rounds cos and sin to the activations' dtype, then each product and the sum; SiLU-and-mul
+rounds SiLU(gate), then the product. fp32 tensors and CPU tensors take the torch references
+(`reference.rmsnorm`, `reference.rotary`, `reference.silu_mul`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ def rotary_triton(positions, q, k, inv_freq):
                          HQ=hq, HK=k.shape[1], BH=triton.next_power_of_2(max(hq, k.shape[1])), HALF=d // 2,
                          num_warps=4)
     return q, k
+
+
+def silu_mul_triton(x):
+    t, two_i = x.shape
+    out = torch.empty(t, two_i // 2, dtype=x.dtype, device=x.device)
+    block = 1024
+    _silu_mul_kernel[(t, triton.cdiv(two_i // 2, block))](x, out, two_i // 2, x.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x `[T, 2I]` = [gate | up] -> `SiLU(gate) * up` `[T, I]`."""
+    if _kernel_dtype(x) and x.stride(-1) == 1:
+        return silu_mul_triton(x)
+    return reference.silu_mul(x)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,3 +109,15 @@ def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, stride_qt, stride_qh, stride_
     heads = tl.arange(0, BH)
     _rotate(q_ptr + t * stride_qt, heads, heads[:, None] * stride_qh + offs_d[None, :], c, s, HQ, HALF)
     _rotate(k_ptr + t * stride_kt, heads, heads[:, None] * stride_kh + offs_d[None, :], c, s, HK, HALF)
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, o_ptr, I, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < I
+    g = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    u = tl.load(x_ptr + row * stride_x + I + offs, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)  # torch rounds SiLU(gate) first
+    tl.store(o_ptr + row * I + offs, (act * u.to(tl.float32)).to(g.dtype), mask=ok)

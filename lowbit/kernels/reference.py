@@ -62,6 +62,12 @@ def rmsnorm(x, weight, eps):
     return weight * xf.to(x.dtype)
 
 
+def silu_mul(x):
+    """x `[T, 2I]` = [gate | up] -> SiLU(gate) * up, as the Llama MLP computes it."""
+    gate, up = x.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

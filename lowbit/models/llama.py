@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.kernels.actquant import silu_mul_quant
+from lowbit.kernels.elementwise import silu_mul
 from lowbit.layers.attention import Attention
 from lowbit.layers.context import AttentionContext
 from lowbit.layers.linear import Linear, fuse_linears
@@ -62,8 +63,9 @@ class LlamaMLP(nn.Module):
         if self.down_input is not None:
             h = self.gate_up(x)
             return self.down_proj(QuantizedActivation(*silu_mul_quant(h, self.down_input), h.dtype))
-        gate, up = self.gate_up(x).chunk(2, -1) if self.gate_up is not None else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(F.silu(gate) * up)
+        if self.gate_up is not None:
+            return self.down_proj(silu_mul(self.gate_up(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
