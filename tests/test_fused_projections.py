@@ -39,7 +39,7 @@ def test_fused_16bit_linear_is_the_concatenation(bias):
         assert testing.rel_err(p(x), w.double()) < 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", "w4a16", "w4a16-channel"])
 def test_fused_kernel_linear_is_the_concatenation(fmt):
     """Quantized parts on their kernels' layouts (the torch references of the kernels on the CPU)."""
     g = testing.gen()

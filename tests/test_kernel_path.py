@@ -28,14 +28,21 @@ def make_layer(k, n, bias, seed):
     return lin.to(DEVICE)
 
 
+W4A16 = {"w4a16": QuantSpec(bits=4, symmetric=False, granularity="group"),
+         "w4a16-g64": QuantSpec(bits=4, granularity="group", group_size=64),
+         "w4a16-channel": QuantSpec(bits=4, granularity="channel")}  # GPTQ's g128 asymmetric, and others
+
+
 def method_for(fmt, w):
     if fmt == "w4a8":
         return QuantLinearMethod(quantize_progressive(w.float().cpu()), INT8_TOKEN)
+    if fmt in W4A16:
+        return QuantLinearMethod([(0, w.shape[1], quantize(w.float().cpu(), W4A16[fmt]))], None)
     spec = OUTLIER_WEIGHT if fmt == "w8a8-int8" else FP8
     return QuantLinearMethod([(0, w.shape[1], quantize(w.float().cpu(), spec))], INT8_TOKEN if fmt == "w8a8-int8" else FP8)
 
 
-@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8"])
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", *W4A16])
 @pytest.mark.parametrize("m,k,bias", [(1, 576, False), (3, 256, True), (17, 640, False)])
 def test_kernel_path_matches_the_reference_path(fmt, m, k, bias):
     seed = torch.seed() % 2**31
@@ -57,3 +64,6 @@ def test_formats_without_a_kernel_keep_the_reference_path():
                                QuantSpec(bits=8, granularity="channel", clip=0.9))
     install(lin, method)
     assert method.kernel_format() is None and not method.prepare_kernel()
+    for spec in (QuantSpec(bits=4, granularity="group", group_size=32), QuantSpec(bits=8)):  # W4A16 takes groups of 64, 128, channels
+        method = QuantLinearMethod([(0, 256, quantize(lin.weight.data.cpu(), spec))], None)
+        assert method.kernel_format() is None

@@ -9,7 +9,7 @@ if not torch.cuda.is_available():
 
 from lowbit.kernels import reference, testing  # noqa: E402
 from lowbit.kernels.common import TileConfig  # noqa: E402
-from lowbit.kernels.w4a16 import prepare_w4a16, w4a16_gemm_triton  # noqa: E402
+from lowbit.kernels.w4a16 import DEQUANT_MIN_M, prepare_w4a16, w4a16_dequantize, w4a16_gemm, w4a16_gemm_triton  # noqa: E402
 from lowbit.quant.formats import pack_int4  # noqa: E402
 
 DEV = testing.triton_device()
@@ -59,3 +59,21 @@ def test_triton_matches_reference(m, n, k, fmt, cfg):
 def test_triton_cuda_model_shapes(m):
     x, w, want = _case(m, 1024, 4096, "sym128", testing.gen(), "cuda")
     assert testing.rel_err(w4a16_gemm_triton(x, w), want) < BOUND
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n,k", [(40, 576), (72, 320)])
+def test_dequantize_is_the_weight_exactly(n, k, fmt):
+    """The large-M path's bf16 copy of the weight: (q - z) * s of every element, rounded once."""
+    _, w, _ = _case(1, n, k, fmt, testing.gen(), DEV)
+    got = w4a16_dequantize(w)
+    assert got.dtype == torch.bfloat16 and got.shape[1] >= k
+    cpu = type(w)(*(t.cpu() if isinstance(t, torch.Tensor) else t for t in vars(w).values()))
+    assert torch.equal(got[:, :k].cpu(), reference.w4a16_weight(cpu).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
+def test_large_m_goes_through_the_dequantized_weight():
+    x, w, want = _case(DEQUANT_MIN_M + 3, 256, 576, "asym64", testing.gen(), "cuda")
+    assert testing.rel_err(w4a16_gemm(x, w), want) < BOUND

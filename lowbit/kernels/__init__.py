@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | `w4a8` | `w4a8_gemm`: int4 (QServe g128 or per channel) x int8 per token | `prepare_w4a8` |
 | `w8a8` | `w8a8_gemm`: int8 or fp8 (cuBLAS `_scaled_mm` where faster) | `prepare_w8a8` |
-| `w4a16` | `w4a16_gemm`: int4 groups x bf16, small batches | `prepare_w4a16` |
+| `w4a16` | `w4a16_gemm`: int4 groups x bf16 (from 128 tokens: `w4a16_dequantize`, then cuBLAS) | `prepare_w4a16` |
 | `w4a4` | `w4a4_gemm`: int4 groups x int4 groups + int8 outliers (Atom) | `prepare_w4a4` |
 | `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token | - |
 | `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |

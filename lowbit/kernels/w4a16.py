@@ -32,6 +32,19 @@ class W4A16Weight:
     def n(self) -> int:
         return self.qweight.shape[0]
 
+    @staticmethod
+    def cat(parts: list["W4A16Weight"]) -> "W4A16Weight":
+        """One weight whose output channels are the parts' in order (scales and zeros are per channel)."""
+        if any(p.k != parts[0].k or p.group != parts[0].group for p in parts):
+            raise ValueError("W4A16 weights of different K or group")
+        return W4A16Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts], 1),
+                           torch.cat([p.zeros for p in parts], 1), parts[0].group, parts[0].k)
+
+    def rows(self, start: int, stop: int, part: "W4A16Weight") -> "W4A16Weight":
+        """Output channels [start, stop) as views of this weight (`part`'s own group-major scales
+        and zeros kept: a column slice of the fused ones would not be contiguous)."""
+        return W4A16Weight(self.qweight[start:stop], part.scales, part.zeros, self.group, self.k)
+
 
 def prepare_w4a16(qweight: torch.Tensor, k: int, scales: torch.Tensor,
                   zeros: torch.Tensor | None = None, group: int | None = 128) -> W4A16Weight:
@@ -79,9 +92,26 @@ def w4a16_gemm_triton(x: torch.Tensor, w: W4A16Weight, config: TileConfig | None
     return out
 
 
+DEQUANT_MIN_M = 128  # from here on: the weight dequantized to bf16 once per call, then cuBLAS
+
+
+def w4a16_dequantize(w: W4A16Weight) -> torch.Tensor:
+    """The bf16 weight `[N, Kp]` (columns past K are padding): a scratch copy for large M."""
+    n, kh = w.qweight.shape
+    out = torch.empty(n, 2 * kh, dtype=torch.bfloat16, device=w.qweight.device)
+    _w4a16_dequant_kernel[(cdiv(n, 64), kh // 64)](w.qweight, w.scales, w.zeros, out, n, w.qweight.stride(0),
+                                                   out.stride(0), w.group, BN=64, ASM=w.qweight.is_cuda,
+                                                   num_warps=4)
+    return out
+
+
 def w4a16_gemm(x: torch.Tensor, w: W4A16Weight) -> torch.Tensor:
-    """`bf16 [M, N] = x @ dequant(W)^T`, x bf16 `[M, K]`."""
+    """`bf16 [M, N] = x @ dequant(W)^T`, x bf16 `[M, K]`. The kernel streams the 4-bit weight for
+    small M; from DEQUANT_MIN_M tokens the GEMM is compute-bound and cuBLAS bf16 runs it on a
+    dequantized copy (one pass over the weight, amortized over the tokens)."""
     if use_triton(x):
+        if x.shape[0] >= DEQUANT_MIN_M:
+            return x @ w4a16_dequantize(w)[:, :w.k].t()
         return w4a16_gemm_triton(x, w)
     return reference.w4a16_gemm(x, w)
 
@@ -121,3 +151,25 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K
         y = acc
     store_tile(out_ptr, ws_ptr, lock_ptr, y, offs_m, offs_n, M, N, stride_om, pid, tl.program_id(1),
                SPLIT_K)
+
+
+@triton.jit
+def _w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_on, GROUP, BN: tl.constexpr,
+                          ASM: tl.constexpr):
+    """One K-step (128 columns) of BN rows: `(q - z) * s` in bf16, both nibble planes."""
+    step = tl.program_id(1)
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_h = tl.arange(0, 64)
+    n_ok = offs_n < N
+    p = tl.load(w_ptr + offs_n[:, None] * stride_wn + step * 64 + offs_h[None, :], mask=n_ok[:, None], other=0)
+    g_lo = step * 128 // GROUP
+    g_hi = (step * 128 + 64) // GROUP
+    z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=n_ok, other=0)[:, None]
+    z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=n_ok, other=0)[:, None]
+    lo, _ = int4_widen(p, z_lo, None, ASM)
+    _, hi = int4_widen(p, z_hi, None, ASM)
+    s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=n_ok, other=0.0)[:, None]
+    s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=n_ok, other=0.0)[:, None]
+    dst = out_ptr + offs_n[:, None] * stride_on + step * 128 + offs_h[None, :]
+    tl.store(dst, (lo.to(tl.float32) * s_lo).to(tl.bfloat16), mask=n_ok[:, None])
+    tl.store(dst + 64, (hi.to(tl.float32) * s_hi).to(tl.bfloat16), mask=n_ok[:, None])

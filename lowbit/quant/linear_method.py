@@ -63,11 +63,14 @@ class QuantLinearMethod:
 
     def kernel_format(self) -> str | None:
         """Which GEMM kernel computes this layer's function exactly, if any: "w4a8" (QServe progressive
-        weights x int8 per token), "w8a8" (int8 x int8 or fp8 x fp8, per channel x per token)."""
+        weights x int8 per token), "w8a8" (int8 x int8 or fp8 x fp8, per channel x per token),
+        "w4a16" (int4 weights in groups of 64 or 128 or per channel x 16-bit activations: GPTQ)."""
         act = self.activation
-        if act is None or act.granularity != "channel" or not act.symmetric or act.clip != 1.0 or act.bits != 8:
-            return None
         if self.act_outliers or self.input_perm is not None:
+            return None
+        if act is None:
+            return "w4a16" if _w4a16_format(self.weight) else None
+        if act.granularity != "channel" or not act.symmetric or act.clip != 1.0 or act.bits != 8:
             return None
         if isinstance(self.weight, ProgressiveWeight):
             return "w4a8" if act.dtype == "int" and self.weight.group_size == 128 else None
@@ -80,10 +83,15 @@ class QuantLinearMethod:
     def prepare_kernel(self) -> bool:
         """Put the weight in its kernel's layout (once, at load); False when no kernel computes this format."""
         from lowbit.kernels.w4a8 import prepare_w4a8
+        from lowbit.kernels.w4a16 import prepare_w4a16
         from lowbit.kernels.w8a8 import prepare_w8a8
 
         fmt = self.kernel_format()
-        if fmt == "w4a8":
+        if fmt == "w4a16":
+            qt = self.weight[0][2]
+            group = qt.spec.group_size if qt.spec.granularity == "group" else None
+            self.kernel = prepare_w4a16(qt.codes, qt.shape[1], qt.scale, qt.zero, group)
+        elif fmt == "w4a8":
             pw = self.weight
             self.kernel = prepare_w4a8(pw.codes4, pw.shape[1], pw.s1, pw.s2, pw.z2, pw.group_size)
         elif fmt == "w8a8":
@@ -92,17 +100,24 @@ class QuantLinearMethod:
         return fmt is not None
 
     def token_dtype(self) -> torch.dtype | None:
-        """The per-token activation codes this layer's kernel reads (int8 or fp8), None without a kernel."""
-        if self.kernel is None:
+        """The per-token activation codes this layer's kernel reads (int8 or fp8); None without a
+        kernel, or for one that reads the activations as they are (W4A16)."""
+        if self.kernel is None or self.activation is None:
             return None
         return torch.float8_e4m3fn if self.activation.dtype == "fp8" else torch.int8
 
     def _apply_kernel(self, layer, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         from lowbit.kernels.actquant import quant_per_token
         from lowbit.kernels.w4a8 import W4A8Weight, w4a8_gemm
+        from lowbit.kernels.w4a16 import W4A16Weight, w4a16_gemm
         from lowbit.kernels.w8a8 import w8a8_gemm
 
         shape = x.shape
+        if isinstance(self.kernel, W4A16Weight):  # bf16 activations as they are
+            y = w4a16_gemm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.kernel).to(x.dtype)
+            if layer.bias is not None:
+                y = y + layer.bias
+            return y.view(*shape[:-1], -1)
         if isinstance(x, QuantizedActivation):
             x_q, x_s, dtype = x.q, x.scale, x.dtype
         else:
@@ -128,6 +143,15 @@ class QuantLinearMethod:
                 qt.codes, qt.scale = qt.codes.to(device), qt.scale.to(device)
                 qt.zero = None if qt.zero is None else qt.zero.to(device)
         return self
+
+
+def _w4a16_format(weight) -> bool:
+    """One int4 segment in groups of 64 or 128 or per channel: what the W4A16 kernel reads."""
+    if isinstance(weight, ProgressiveWeight) or weight is None or len(weight) != 1:
+        return False
+    spec = weight[0][2].spec
+    return spec.bits == 4 and spec.dtype == "int" and (
+        spec.granularity == "channel" or spec.granularity == "group" and spec.group_size in (64, 128))
 
 
 def install(layer, method: QuantLinearMethod, keep_codes: bool = True) -> None:
