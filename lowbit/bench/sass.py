@@ -82,9 +82,26 @@ def _w4a8_preset(m: int) -> Preset:
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
 
+def _w4a16_preset(m: int) -> Preset:
+    """The W4A16 GEMM (GPTQ's g128 asymmetric) at Llama-3-8B's gate_up as `w4a16_gemm` launches it
+    for M tokens below DEQUANT_MIN_M (its default config; two K-splits)."""
+    from lowbit.kernels.w4a16 import default_config
+
+    cfg = default_config(m)
+    types = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*fp32", z_ptr="*u8", out_ptr="*bf16", ws_ptr="*fp32",
+                 lock_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32",
+                 GROUP="i32")
+    return Preset(f"w4a16-m{m}", "lowbit.kernels.w4a16:_w4a16_kernel", types,
+                  dict(GROUP64=False, SWAP=cfg.swap, BM=cfg.block_m, BN=cfg.block_n, SPLIT_K=2, GROUP_M=cfg.group_m,
+                       ASM=True),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4 + 1),
+                  f"W4A16 g128 GEMM, M = {m}, 128 columns per iteration",
+                  ("N", "K", "stride_xm", "stride_wn", "stride_om", "GROUP"))
+
+
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
-                                _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256))}
+                                _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
 
 
 def _jit_function(path: str):

@@ -167,6 +167,56 @@ def int4_signed(p, ASM: tl.constexpr):
     return lo, hi
 
 
+# int4 codes -> bf16 weights (c - z) * s: a code in the low mantissa bits of 0x4300 is the bf16
+# 128 + c, so (128 + c) - (128 + z) is exact and one bf16 multiply rounds the product, two values per
+# 32-bit op. $4: four code bytes (low and high nibble planes); $5-$6, $7-$8: 128 + z of the low and
+# high plane as bf16 pairs; $9-$10, $11-$12: their scales as bf16 pairs.
+_INT4_BF16_ASM = tl.constexpr("""{
+.reg .b32 t0, t1, h;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000F000F, 0x43004300, 0xea;
+sub.rn.bf16x2 $0, $0, $5;
+mul.rn.bf16x2 $0, $0, $13;
+lop3.b32 $1, t1, 0x000F000F, 0x43004300, 0xea;
+sub.rn.bf16x2 $1, $1, $5;
+mul.rn.bf16x2 $1, $1, $13;
+shr.u32 h, t0, 4;
+lop3.b32 $2, h, 0x000F000F, 0x43004300, 0xea;
+sub.rn.bf16x2 $2, $2, $9;
+mul.rn.bf16x2 $2, $2, $17;
+shr.u32 h, t1, 4;
+lop3.b32 $3, h, 0x000F000F, 0x43004300, 0xea;
+sub.rn.bf16x2 $3, $3, $9;
+mul.rn.bf16x2 $3, $3, $17;
+}""")
+
+
+@triton.jit
+def _bf16_pair(x, like):
+    """fp32 `[BN, 1]` -> int32 holding bf16(x) in both 16-bit halves, broadcast to `like`'s shape."""
+    b = x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.broadcast_to(b | (b << 16), like.shape)
+
+
+@triton.jit
+def int4_bf16(p, z_lo, s_lo, z_hi, s_hi, ASM: tl.constexpr):
+    """uint8 tile of code pairs -> (low, high) bf16 weight tiles `(c - z) * bf16(s)`, the product
+    rounded once (z uint8, s fp32: one per row, `[BN, 1]`, for each plane)."""
+    sl = tl.broadcast_to(s_lo.to(tl.bfloat16), p.shape)
+    sh = tl.broadcast_to(s_hi.to(tl.bfloat16), p.shape)
+    if ASM:  # each row's bf16 pair built once, as one 32-bit value; impure: the weight's layout
+        # change for the MMA then moves bf16 values (ldmatrix), not single bytes (see paged_attention)
+        zl, zh = _bf16_pair(z_lo.to(tl.float32) + 128.0, p), _bf16_pair(z_hi.to(tl.float32) + 128.0, p)
+        lo, hi = tl.inline_asm_elementwise(_INT4_BF16_ASM, "=r,=r,=r,=r" + ",r" * 17,
+                                           [p, zl, zh, _bf16_pair(s_lo, p), _bf16_pair(s_hi, p)],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=False, pack=4)
+    else:  # the same values: (c - z) * bf16(s) is exact in fp32, then rounded once
+        lo = (((p & 15).to(tl.float32) - z_lo.to(tl.float32)) * sl.to(tl.float32)).to(tl.bfloat16)
+        hi = (((p >> 4).to(tl.float32) - z_hi.to(tl.float32)) * sh.to(tl.float32)).to(tl.bfloat16)
+    return lo, hi
+
+
 @triton.jit
 def int4_widen(p, z, s, ASM: tl.constexpr):
     """uint8 tile of code pairs -> (low, high) as int8 tiles: `(c - z) * s`, or `c - z` with s None

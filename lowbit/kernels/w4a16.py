@@ -3,6 +3,9 @@
 Weights: signed int4 with scales (symmetric) or uint4 with scales and zero points, per group of
 64 or 128 or per channel. The weight tile is dequantized to bf16 in registers, `(q - z) * s`,
 and multiplied on bf16 tensor cores; small M puts the weight on the MMA's wide side (see w4a8).
+The codes become bf16 by the 0x4300 magic number (`common.int4_bf16`), and the scale is rounded to
+bf16 for the multiply, so a weight can differ from the fp32 `(q - z) * s` by its last bit twice
+(`w4a16_dequantize`, the large-M copy, rounds once from fp32).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.kernels import reference
-from lowbit.kernels.common import (KBLOCK, TileConfig, acc_zeros, cdiv, int4_widen, k_range, load_kblock,
+from lowbit.kernels.common import (KBLOCK, TileConfig, acc_zeros, cdiv, int4_bf16, int4_widen, k_range, load_kblock,
                                    pack_halves, split_k, splitk_buffers, store_tile, tile_offsets, tl,
                                    triton, use_triton)
 from lowbit.quant.formats import unpack_int4
@@ -130,15 +133,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K
         g_hi = (step * 128 + 64) // GROUP
         z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=n_ok, other=0)[:, None]
         s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=n_ok, other=0.0)[:, None]
-        s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=n_ok, other=0.0)[:, None]
-        if GROUP64:  # the two nibble planes are two groups, with their own zero points
-            lo, _ = int4_widen(p, z_lo, None, ASM)
+        if GROUP64:  # the two nibble planes are two groups, with their own zero points and scales
             z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=n_ok, other=0)[:, None]
-            _, hi = int4_widen(p, z_hi, None, ASM)
+            s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=n_ok, other=0.0)[:, None]
         else:
-            lo, hi = int4_widen(p, z_lo, None, ASM)
-        w_lo = (lo.to(tl.float32) * s_lo).to(tl.bfloat16)
-        w_hi = (hi.to(tl.float32) * s_hi).to(tl.bfloat16)
+            z_hi, s_hi = z_lo, s_lo
+        w_lo, w_hi = int4_bf16(p, z_lo, s_lo, z_hi, s_hi, ASM)
         if SWAP:
             acc = tl.dot(w_lo, tl.trans(a_lo), acc)
             acc = tl.dot(w_hi, tl.trans(a_hi), acc)
