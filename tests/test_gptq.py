@@ -149,3 +149,40 @@ def test_bad_hessian_or_damping_raise():
         gptq_quantize(torch.randn(8, 64), -torch.eye(64), G128, percdamp=0.0)
     with pytest.raises(LowbitError):
         gptq_quantize(torch.randn(8, 64), torch.eye(64), G128, percdamp=-0.1)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_clip_by_output_keeps_the_weights_of_loud_inputs(act_order):
+    """One input channel 100x louder than the rest (a massive activation) and, in every row, the
+    largest weight on it. The weight-MSE clip search clips that weight to refine the grid of the
+    many small ones; the output-error one keeps it (its error weighs 10^4 times more) and ends with
+    a smaller output error d^T H d."""
+    g = torch.Generator().manual_seed(7)
+    k, loud = 128, 5
+    w = torch.rand(16, k, generator=g) * 2 - 1
+    w[:, loud] = 6.0 * torch.sign(torch.randn(16, generator=g))
+    h = torch.eye(k) * 0.01
+    h[loud, loud] = 100.0
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=128)
+    runs = {by_output: gptq_quantize(w, h, spec, act_order=act_order, clip_search=True, clip_by_output=by_output)[0]
+            for by_output in (False, True)}
+    err_loud = {b: (q[:, loud] - w[:, loud]).abs().max().item() for b, q in runs.items()}
+    out_err = {b: torch.einsum("ni,ij,nj->", q - w, h, q - w).item() for b, q in runs.items()}
+    # a row spans about 7 (-6..1 or -1..6): a step of 7/15 ~ 0.47. Unclipped, the loud weight is the
+    # range's end, off only by the zero point's rounding; each 5% of clipping moves it by 0.35
+    assert err_loud[False] > 0.2  # clipped
+    assert err_loud[True] < 0.1
+    assert out_err[True] < out_err[False] / 5
+
+
+def test_clip_by_output_needs_gptq_and_one_error_measure():
+    from lowbit.quant.recipes import Recipe
+
+    spec = QuantSpec(bits=4, granularity="group")
+    with pytest.raises(LowbitError, match="clip_by_output"):
+        Recipe("x", weight=spec, method="rtn", clip_search=True, clip_by_output=True)
+    with pytest.raises(LowbitError, match="clip_by_output"):
+        Recipe("x", weight=spec, method="gptq", clip_by_output=True)
+    w = torch.randn(4, 128)
+    with pytest.raises(LowbitError, match="not both"):
+        rtn_quantize(w, spec, torch.randn(8, 128), gram=torch.eye(128))

@@ -48,6 +48,8 @@ VARIANTS = {v.name: v for v in [
     _variant("w8a8", "w8a8-gptq", "GPTQ int8 weights after SmoothQuant", method="gptq"),
     _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
     _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
+    _variant("w4a16", "w4a16-hclip", "each group's clip ratio by its output error under the Hessian, not the "
+             "weight MSE", clip_by_output=True),
     _variant("w4a16", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False),
     _variant("w4a16", "w4a16-damp0.1", "GPTQ dampening 0.1 of the mean Hessian diagonal (not 0.01)", damp=0.1),
     _variant("w4a16", "w4a16-awq", "AWQ scales and RTN with clip search instead of GPTQ", method="rtn",

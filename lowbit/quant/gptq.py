@@ -57,10 +57,10 @@ class _Segment:
         g = (col - self.start) // self.spec.group_size
         return self.scale[:, g], None if self.zero is None else self.zero[:, g]
 
-    def refit(self, col: int, cols: torch.Tensor) -> None:
+    def refit(self, col: int, cols: torch.Tensor, gram: torch.Tensor | None) -> None:
         """Recompute the params of the group starting at `col` from its columns `cols` as they are now."""
         g = (col - self.start) // self.spec.group_size
-        scale, zero = fit_params(cols, dataclasses.replace(self.spec, granularity="channel"), self.clip_search)
+        scale, zero = fit_params(cols, dataclasses.replace(self.spec, granularity="channel"), self.clip_search, gram)
         self.scale[:, g] = scale
         if zero is not None:
             self.zero[:, g] = zero
@@ -81,6 +81,7 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     clip_search: bool = False,
+    clip_by_output: bool = False,
 ) -> tuple[torch.Tensor, list[QTensor]]:
     """GPTQ-quantize a weight `[N, K]` given the Hessian `[K, K]` of its inputs.
 
@@ -92,7 +93,10 @@ def gptq_quantize(
     groups"), so the stored format is the plain one either way. Returns the fake-quantized weight (in
     `w`'s dtype; `dequantize` of the QTensors, concatenated along K, gives it exactly in fp32) and one
     QTensor per segment. `clip_search` picks each group's (row's) clipping ratio by the weight MSE
-    of its columns when its params are fitted (RTN's grid), instead of the plain min/max.
+    of its columns when its params are fitted (RTN's grid), instead of the plain min/max; with
+    `clip_by_output` by the group's output error instead, `d^T H d` over the group's columns (GPTQ's
+    own objective without the cross-group terms), so weights on the inputs with the largest
+    activations are not clipped for the sake of many small ones.
     """
     if percdamp < 0:
         raise LowbitError(f"GPTQ: percdamp must be >= 0, got {percdamp}")
@@ -103,8 +107,13 @@ def gptq_quantize(
     h[dead, dead] = 1
     w32[:, dead] = 0
     # static params from the original weight; without act_order, groups are redone as GPTQ reaches them
+    h_orig = h if clip_by_output else None  # the original column order, where groups are fitted
+
+    def gram(a: int, b: int) -> torch.Tensor | None:
+        return None if h_orig is None else h_orig[a:b, a:b]
+
     segments = [
-        _Segment(start, stop, fmt, *fit_params(w32[:, start:stop], fmt, clip_search), clip_search)
+        _Segment(start, stop, fmt, *fit_params(w32[:, start:stop], fmt, clip_search, gram(start, stop)), clip_search)
         for start, stop, fmt in _segment_bounds(spec, k)
     ]
     owner = [seg for seg in segments for _ in range(seg.start, seg.stop)]
@@ -125,7 +134,8 @@ def gptq_quantize(
             seg = owner[col]
             width = 0 if act_order else seg.group_at(col)
             if width:  # `_blocks` makes sure the group's columns are all updated by now
-                seg.refit(col, w1[:, i : i + width] if i + width <= i2 - i1 else w32[:, j : j + width])
+                seg.refit(col, w1[:, i : i + width] if i + width <= i2 - i1 else w32[:, j : j + width],
+                          gram(col, col + width))
             s, z = seg.params(col)
             x = w1[:, i]
             q[:, j] = dequantize_values(quantize_values(x, s, z, seg.spec), s, z)
@@ -138,11 +148,12 @@ def gptq_quantize(
     return q.to(w.dtype), qts
 
 
-def fit_params(x: torch.Tensor, spec: QuantSpec, clip_search: bool):
-    """Scale and zero for `x` under `spec`: min/max, or the weight-MSE-best clipping ratio."""
+def fit_params(x: torch.Tensor, spec: QuantSpec, clip_search: bool, gram: torch.Tensor | None = None):
+    """Scale and zero for `x` under `spec`: min/max, or the clipping ratio with the least error
+    (of the weight, or of the output under `gram` = the Hessian of these columns)."""
     if not clip_search:
         return compute_qparams(x, spec)
-    _, qt = rtn_quantize(x, spec)
+    _, qt = rtn_quantize(x, spec, gram=gram)
     return qt.scale, qt.zero
 
 

@@ -184,7 +184,7 @@ def quantize_weight(w: torch.Tensor, recipe: Recipe, k_out: int, hessian=None, s
     specs = segment_specs(recipe, w.shape[1], k_out)
     if recipe.method == "gptq" and hessian is not None:
         _, qts = gptq_quantize(w, hessian, specs, percdamp=recipe.damp, act_order=recipe.act_order,
-                               clip_search=recipe.clip_search)
+                               clip_search=recipe.clip_search, clip_by_output=recipe.clip_by_output)
     elif samples is not None:
         qts = [rtn_quantize(w[:, sl], spec, samples[:, sl].to(w.device))[1] for sl, spec in specs]
     else:

@@ -39,6 +39,7 @@ class Recipe:
     kv: KVSpec | None = None
     method: str = "rtn"  # how weights are rounded: "rtn" (with clip search) or "gptq"
     clip_search: bool = False  # search each group's clipping ratio (RTN: output MSE; GPTQ: weight MSE at fit)
+    clip_by_output: bool = False  # GPTQ: the clip search minimizes the group's output error under the Hessian
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
     damp: float = 0.01  # GPTQ: added to the Hessian's diagonal, as a share of its mean
     smoothing: str | None = None  # "smoothquant" (alpha) or "awq" (searched scales)
@@ -61,6 +62,8 @@ class Recipe:
             raise LowbitError(f"recipe {self.name}: outliers must be >= 0")
         if self.progressive and (self.weight is None or self.weight.bits != 4 or self.weight.granularity != "group"):
             raise LowbitError(f"recipe {self.name}: progressive needs 4-bit group weights")
+        if self.clip_by_output and not (self.clip_search and self.method == "gptq"):
+            raise LowbitError(f"recipe {self.name}: clip_by_output is GPTQ's clip search (method gptq, clip_search)")
         if self.progressive and (self.clip_search or self.method != "rtn"):
             raise LowbitError(f"recipe {self.name}: progressive weights are rounded to nearest, without clip search")
 

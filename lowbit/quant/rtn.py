@@ -20,19 +20,23 @@ CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 
 
 def rtn_quantize(
-    w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID
+    w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
+    gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, QTensor]:
     """Quantize a weight `[N, K]`, choosing for each block of `spec` (group, row or tensor) the clip
     ratio in `grid` that minimizes the weight's squared error, or, given calibration inputs
     `x [..., K]`, the output's `||x (w - wq)^T||^2`. With groups the output error of a group counts
     its own columns only (cross-group terms dropped, as in AWQ's clip search); per channel and per
     tensor it is exact. Ties keep the earlier ratio, so with 1.0 first the search never does worse
-    than no clipping. Returns the chosen ratios (shaped like the scales) and the QTensor.
+    than no clipping. `gram` `[K, K]` may stand for `x^T x` (GPTQ's Hessian). Returns the chosen
+    ratios (shaped like the scales) and the QTensor.
     """
     if not grid:
         raise LowbitError("clip search needs at least one ratio")
+    if x is not None and gram is not None:
+        raise LowbitError("clip search: give calibration inputs or their gram, not both")
     w = w.detach().float()
-    gram = None
+    gram = None if gram is None else gram.detach().float()
     if x is not None:
         x = x.detach().reshape(-1, w.shape[-1]).float()
         gram = x.T @ x
