@@ -7,7 +7,7 @@ import torch
 from lowbit import LLM, SamplingParams
 from lowbit.engine.sequence import Sequence
 from lowbit.errors import LowbitError
-from lowbit.layers.sampler import sample
+from lowbit.layers.sampler import draw
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 
@@ -19,7 +19,7 @@ def seqs_for(params, n=1, history=(0,)):
 def frequencies(params, draws=4000, history=(0,)):
     logits = PROBS.log().repeat(draws, 1)
     seqs = [Sequence(str(i), 0, list(history), params, seed=i) for i in range(draws)]
-    tokens, _ = sample(logits, seqs)
+    tokens, _ = draw(logits, seqs).host()
     return torch.bincount(torch.tensor(tokens), minlength=4).double() / draws
 
 
@@ -52,7 +52,7 @@ def test_temperature_sharpens():
 def test_repetition_penalty_matches_the_hf_rule():
     logits = torch.tensor([[2.0, 1.9, -1.0, -1.5]])
     params = SamplingParams(temperature=0, repetition_penalty=2.0, logprobs=4)
-    tokens, lps = sample(logits, seqs_for(params, history=[0, 3]))
+    tokens, lps = draw(logits, seqs_for(params, history=[0, 3])).host()
     assert tokens == [1]  # token 0's 2.0 became 1.0
     want = torch.tensor([1.0, 1.9, -1.0, -3.0]).log_softmax(-1)
     assert lps[0].top[0][0] == 1 and math.isclose(lps[0].logprob, want[1].item(), rel_tol=1e-6)
@@ -61,7 +61,7 @@ def test_repetition_penalty_matches_the_hf_rule():
 def test_logprobs_are_log_softmax():
     logits = torch.randn(3, 50)
     params = SamplingParams(temperature=0, logprobs=5)
-    tokens, lps = sample(logits, seqs_for(params, 3))
+    tokens, lps = draw(logits, seqs_for(params, 3)).host()
     ref = logits.double().log_softmax(-1)
     for i in range(3):
         assert tokens[i] == int(logits[i].argmax())

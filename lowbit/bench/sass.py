@@ -111,8 +111,8 @@ def _jit_function(path: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def compile_sm90(preset: Preset) -> bytes:
-    """The preset's cubin for sm_90a (no GPU needed)."""
+def compile_sm90(preset: Preset) -> tuple[bytes, int]:
+    """The preset's cubin for sm_90a (no GPU needed) and its shared memory per program in bytes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise LowbitError("sass: TRITON_INTERPRET=1 is set; the interpreter compiles nothing (unset it)")
     try:
@@ -203,13 +203,12 @@ def report(preset: Preset) -> dict:
     body = max(loops(disassemble(cubin)), key=lambda lp: lp["instructions"], default=None)
     if body is None:
         raise LowbitError(f"sass: {preset.name}: no loop in the compiled kernel")
-    warps = preset.num_warps
-    mix = body["mix"]
+    warps, mix, regs = preset.num_warps, body["mix"], registers(cubin)
     return dict(kernel=preset.name, note=preset.note, num_warps=warps, num_stages=preset.num_stages,
                 constexprs=preset.constexprs, loop_instructions=body["instructions"],
                 warp_instructions=body["instructions"] * warps, bytes_per_iter=preset.bytes_per_iter,
                 bytes_per_warp_instruction=round(preset.bytes_per_iter / (body["instructions"] * warps), 2),
-                spills=mix.get("LDL", 0) + mix.get("STL", 0), registers=(regs := registers(cubin)), shared=shared,
+                spills=mix.get("LDL", 0) + mix.get("STL", 0), registers=regs, shared=shared,
                 programs_per_sm=programs_per_sm(regs, shared, warps), mix=mix)
 
 
@@ -219,10 +218,9 @@ def render(rows: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         top = ", ".join(f"{k} {v}" for k, v in list(r["mix"].items())[:8])
-        occupancy = (f"{r['registers']} | {r['shared'] / 1024:.1f} | {r['programs_per_sm']}" if "registers" in r
-                     else "| |")  # rows recorded before these columns
         lines.append(f"| {r['kernel']} | {r['num_warps']} | {r['num_stages']} | {r['loop_instructions']} | "
-                     f"{r['bytes_per_iter']} | {r['bytes_per_warp_instruction']} | {r['spills']} | {occupancy} | {top} |")
+                     f"{r['bytes_per_iter']} | {r['bytes_per_warp_instruction']} | {r['spills']} | {r['registers']} | "
+                     f"{r['shared'] / 1024:.1f} | {r['programs_per_sm']} | {top} |")
     return "\n".join(lines)
 
 

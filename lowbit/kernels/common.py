@@ -169,8 +169,9 @@ def int4_signed(p, ASM: tl.constexpr):
 
 # int4 codes -> bf16 weights (c - z) * s: a code in the low mantissa bits of 0x4300 is the bf16
 # 128 + c, so (128 + c) - (128 + z) is exact and one bf16 multiply rounds the product, two values per
-# 32-bit op. $4: four code bytes (low and high nibble planes); $5-$6, $7-$8: 128 + z of the low and
-# high plane as bf16 pairs; $9-$10, $11-$12: their scales as bf16 pairs.
+# 32-bit op. $4: four code bytes (low and high nibble planes); then four operands of four registers
+# each, of which the first is read: $5, $9: 128 + z of the low and high plane as a bf16 pair; $13,
+# $17: their scales as a bf16 pair (`_bf16_pair`: one value per row, so the four are equal).
 _INT4_BF16_ASM = tl.constexpr("""{
 .reg .b32 t0, t1, h;
 prmt.b32 t0, $4, 0, 0x4140;
@@ -203,8 +204,6 @@ def _bf16_pair(x, like):
 def int4_bf16(p, z_lo, s_lo, z_hi, s_hi, ASM: tl.constexpr):
     """uint8 tile of code pairs -> (low, high) bf16 weight tiles `(c - z) * bf16(s)`, the product
     rounded once (z uint8, s fp32: one per row, `[BN, 1]`, for each plane)."""
-    sl = tl.broadcast_to(s_lo.to(tl.bfloat16), p.shape)
-    sh = tl.broadcast_to(s_hi.to(tl.bfloat16), p.shape)
     if ASM:  # each row's bf16 pair built once, as one 32-bit value; impure: the weight's layout
         # change for the MMA then moves bf16 values (ldmatrix), not single bytes (see paged_attention)
         zl, zh = _bf16_pair(z_lo.to(tl.float32) + 128.0, p), _bf16_pair(z_hi.to(tl.float32) + 128.0, p)
@@ -212,8 +211,10 @@ def int4_bf16(p, z_lo, s_lo, z_hi, s_hi, ASM: tl.constexpr):
                                            [p, zl, zh, _bf16_pair(s_lo, p), _bf16_pair(s_hi, p)],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=False, pack=4)
     else:  # the same values: (c - z) * bf16(s) is exact in fp32, then rounded once
-        lo = (((p & 15).to(tl.float32) - z_lo.to(tl.float32)) * sl.to(tl.float32)).to(tl.bfloat16)
-        hi = (((p >> 4).to(tl.float32) - z_hi.to(tl.float32)) * sh.to(tl.float32)).to(tl.bfloat16)
+        sl = s_lo.to(tl.bfloat16).to(tl.float32)
+        sh = s_hi.to(tl.bfloat16).to(tl.float32)
+        lo = (((p & 15).to(tl.float32) - z_lo.to(tl.float32)) * sl).to(tl.bfloat16)
+        hi = (((p >> 4).to(tl.float32) - z_hi.to(tl.float32)) * sh).to(tl.bfloat16)
     return lo, hi
 
 

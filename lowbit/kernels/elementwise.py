@@ -1,8 +1,9 @@
 """RMSNorm, the rotary embedding and SiLU-and-mul in one pass each, for 16-bit activations on CUDA.
 
-Hugging Face's Llama computes both in several torch ops (the norm: upcast, square, mean, rsqrt,
+Hugging Face's Llama computes each in several torch ops (the norm: upcast, square, mean, rsqrt,
 scale, downcast, weight; the rotary embedding: cos, sin, rotate-half by a negation and a
-concatenation, two products and a sum), each a full read and write of the activations. These
+concatenation, two products and a sum; SiLU, then a product), each a full read and write of the
+activations. These
 kernels read and write them once and round where HF's ops round, so they give HF's values: the norm
 rounds the normalized row to the input's dtype before the weight multiplies it; the rotary
 embedding rounds cos and sin to the activations' dtype, then each product and the sum; SiLU-and-mul

@@ -2,7 +2,9 @@
 import torch
 from torch import nn
 
+from lowbit.kernels.actquant import rmsnorm_quant
 from lowbit.kernels.elementwise import rmsnorm
+from lowbit.quant.linear_method import QuantizedActivation
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +19,4 @@ class RMSNorm(nn.Module):
     def quantized(self, x: torch.Tensor, token_dtype: torch.dtype):
         """The norm of `x [T, H]` straight to per-token codes for the next Linear's kernel, in one pass
         (the normed values stay fp32 up to the quantization, not rounded to x's dtype first)."""
-        from lowbit.kernels.actquant import rmsnorm_quant
-        from lowbit.quant.linear_method import QuantizedActivation
-
         return QuantizedActivation(*rmsnorm_quant(x, self.weight, self.eps, out_dtype=token_dtype), x.dtype)

@@ -101,8 +101,3 @@ def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
     lp = logits.log_softmax(-1)
     top_v, top_i = lp.topk(max(1, *(w or 0 for w in want)), dim=-1)
     return Sampled(tokens, want, lp.gather(1, tokens[:, None])[:, 0], top_i, top_v)
-
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """`draw`, then on the host: tokens and (when asked) logprobs."""
-    return draw(logits, seqs).host()

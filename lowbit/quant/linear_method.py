@@ -114,17 +114,15 @@ class QuantLinearMethod:
 
         shape = x.shape
         if isinstance(self.kernel, W4A16Weight):  # bf16 activations as they are
-            y = w4a16_gemm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.kernel).to(x.dtype)
-            if layer.bias is not None:
-                y = y + layer.bias
-            return y.view(*shape[:-1], -1)
-        if isinstance(x, QuantizedActivation):
-            x_q, x_s, dtype = x.q, x.scale, x.dtype
+            y = w4a16_gemm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.kernel)
         else:
-            x_q, x_s = quant_per_token(x.reshape(-1, shape[-1]), self.token_dtype())
-            dtype = x.dtype
-        gemm = w4a8_gemm if isinstance(self.kernel, W4A8Weight) else w8a8_gemm
-        y = gemm(x_q, x_s, self.kernel).to(dtype)
+            if isinstance(x, QuantizedActivation):
+                x_q, x_s = x.q, x.scale
+            else:
+                x_q, x_s = quant_per_token(x.reshape(-1, shape[-1]), self.token_dtype())
+            gemm = w4a8_gemm if isinstance(self.kernel, W4A8Weight) else w8a8_gemm
+            y = gemm(x_q, x_s, self.kernel)
+        y = y.to(x.dtype)
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*shape[:-1], -1)
