@@ -43,5 +43,5 @@ def test_kv4_decode_compiles_for_hopper_without_spills():
     assert row["spills"] == 0 and "LDL" not in row["mix"]
     assert row["bytes_per_iter"] == 128 * 2 * (64 + 8)  # 128 tokens of int4 K and V (+ scale, zero), one head
     # V's codes reach the MMA as fp16 through a transposing ldmatrix, not byte by byte through shared
-    # memory (which took 1542 instructions per iteration, 64 of them LDS.U8)
+    # memory (which took 1542 instructions per iteration)
     assert "LDSM" in row["mix"] and row["loop_instructions"] < 1200
