@@ -1,4 +1,4 @@
-"""`lowbit bench throughput|serve|kernels|e2e|profile|sass`; the first two follow vLLM's benchmark conventions,
+"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu`; the first two follow vLLM's benchmark conventions,
 the others hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
@@ -83,9 +83,12 @@ def register(sub) -> dict:
     ss = kinds.add_parser("sass", help="instruction counts of our kernels' main loops, compiled for sm_90a "
                                        "without a GPU (lowbit bench sass --help)", add_help=False, prefix_chars="\0")
     ss.add_argument("argv", nargs="*")
+    nc = kinds.add_parser("ncu", help="hardware counters of one kernel launch, by Nsight Compute on a GPU "
+                                      "(lowbit bench ncu --help)", add_help=False, prefix_chars="\0")
+    nc.add_argument("argv", nargs="*")
 
     handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
-                "profile": _main("profile"), "sass": _main("sass")}
+                "profile": _main("profile"), "sass": _main("sass"), "ncu": _main("ncu")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 

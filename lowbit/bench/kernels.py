@@ -217,40 +217,51 @@ def bench_layer(model: str, m: int, roofs: dict, sweep: bool) -> list[dict]:
 
 # --- attention ------------------------------------------------------------------------------------
 
-def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) -> list[dict]:
+def paged_decode_case(model: str, batch: int, ctx: int, bits: int, cfg=None):
+    """A run() of our decode attention over a random `bits`-bit paged cache, pages in random order."""
     from lowbit.kernels import testing
-    from lowbit.kernels.paged_attention import DecodeConfig, paged_decode_attention_triton
-    cfg = MODELS[model]
-    hq, hkv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    from lowbit.kernels.paged_attention import paged_decode_attention_triton
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     dev = torch.device("cuda")
     g = testing.gen(0, "cuda")
-    scale = d ** -0.5
+    blocks = batch * ctx // PAGE
+    dc = d // 2 if bits == 4 else d
+    codes = [testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2)]
+    sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
+    tables = torch.randperm(blocks, device=dev).to(torch.int32).view(batch, ctx // PAGE)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
+    return lambda: paged_decode_attention_triton(q, *codes, *sz, tables, lens, scale=d ** -0.5, max_seq_len=ctx,
+                                                 config=cfg)
+
+
+def sdpa_case(model: str, batch: int, ctx: int):
+    """A run() of torch SDPA in bf16 for one decode token per sequence (GQA: the group as queries)."""
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    dev = torch.device("cuda")
+    q = torch.randn(batch, hkv, hq // hkv, d, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=d ** -0.5)
+
+
+def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) -> list[dict]:
+    from lowbit.kernels.paged_attention import DecodeConfig
+    cfg = MODELS[model]
+    hq, hkv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     rows = []
-
-    def paged(bits, cfg=None):
-        blocks = batch * ctx // PAGE
-        dc = d // 2 if bits == 4 else d
-        codes = [testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2)]
-        sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
-        tables = torch.randperm(blocks, device=dev).to(torch.int32).view(batch, ctx // PAGE)
-        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-        q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
-        return lambda: paged_decode_attention_triton(q, *codes, *sz, tables, lens, scale, max_seq_len=ctx,
-                                                     config=cfg)
-
-    def sdpa():
-        q = torch.randn(batch, hkv, hq // hkv, d, device=dev, dtype=torch.bfloat16)  # GQA: the group as queries
-        k, v = (torch.randn(batch, hkv, ctx, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
-
     per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2}
-    builders = {"KV8 paged": lambda: paged(8), "KV4 paged": lambda: paged(4), "SDPA bf16": sdpa}
+    builders = {"KV8 paged": lambda: paged_decode_case(model, batch, ctx, 8),
+                "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
+                "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
-        for cfg in (DecodeConfig(waves=4), DecodeConfig(waves=8), DecodeConfig(block_n=128, waves=4),
-                    DecodeConfig(block_n=32, num_stages=4, waves=4), DecodeConfig(num_warps=8, waves=4),
-                    DecodeConfig(block_n=128, num_warps=8, waves=4), DecodeConfig(num_stages=2, waves=8)):
+        for cfg in (DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(block_n=64, num_stages=4, waves=8),
+                    DecodeConfig(num_warps=8), DecodeConfig(block_n=256, num_warps=8), DecodeConfig(num_stages=2),
+                    DecodeConfig(num_stages=4)):
             for bits in (8, 4):
-                builders[f"KV{bits} paged [{_label(cfg)}]"] = lambda bits=bits, cfg=cfg: paged(bits, cfg)
+                builders[f"KV{bits} paged [{_label(cfg)}]"] = \
+                    lambda bits=bits, cfg=cfg: paged_decode_case(model, batch, ctx, bits, cfg)
     for name, build in builders.items():
         nbytes = batch * ctx * per_token[name.split(" [")[0]] + 2 * batch * hq * d * 2
         copies = max(1, math.ceil(ROTATE_BYTES / nbytes))
@@ -417,6 +428,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/bench", help="directory for kernels.json")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     p.add_argument("--sweep", action="store_true", help="also time other tile configs (8B model)")
+    p.add_argument("--only", choices=["linear", "attention"], help="time one of the two parts")
+    p.add_argument("--ms", type=int, nargs="+", metavar="M", help="the linear part's token counts (default: by --quick)")
     p.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run's kernels.json")
     args = p.parse_args(argv)
     if args.from_json:
@@ -431,7 +444,10 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("lowbit.bench kernels needs a CUDA GPU")
         return 2
-    sel = QUICK if args.quick else dict(models=list(MODELS), ms=MS, batches=BATCHES, contexts=CONTEXTS)
+    sel = dict(QUICK if args.quick else dict(models=list(MODELS), ms=MS, batches=BATCHES, contexts=CONTEXTS))
+    sel["ms"] = [] if args.only == "attention" else args.ms or sel["ms"]
+    if args.only == "linear":
+        sel["batches"] = []
     result = dict(env=environment(), quick=args.quick, **sel)
     print(json.dumps(result["env"]), flush=True)
     result["roofs"] = measure_roofs()

@@ -12,6 +12,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
     HAS_TRITON = True
 except ImportError:  # CPU-only installs
     HAS_TRITON = False
@@ -26,7 +27,7 @@ except ImportError:  # CPU-only installs
         def jit(fn=None, **_):
             return fn if fn is not None else (lambda f: f)
 
-    triton = tl = _Stub()
+    triton = tl = libdevice = _Stub()
 
 # The kernels' int4 layout: K is padded to a multiple of KBLOCK and, inside each block of KBLOCK
 # elements, byte j holds element j in its low nibble and element j + KBLOCK/2 in its high nibble, so

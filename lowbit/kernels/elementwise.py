@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels import reference
-from lowbit.kernels.common import tl, triton, use_triton
+from lowbit.kernels.common import libdevice, tl, triton, use_triton
 
 
 def _kernel_dtype(x: torch.Tensor) -> bool:
@@ -36,7 +36,7 @@ def rotary_triton(positions, q, k, inv_freq):
     t, hq, d = q.shape
     _rotary_kernel[(t,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          HQ=hq, HK=k.shape[1], BH=triton.next_power_of_2(max(hq, k.shape[1])), HALF=d // 2,
-                         num_warps=4)
+                         LIBDEVICE=q.is_cuda, num_warps=4)
     return q, k
 
 
@@ -100,13 +100,21 @@ def _rotate(ptr, heads, offs, c, s, HEADS: tl.constexpr, HALF: tl.constexpr):
 
 @triton.jit
 def _rotary_kernel(q_ptr, k_ptr, pos_ptr, inv_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
-                   HQ: tl.constexpr, HK: tl.constexpr, BH: tl.constexpr, HALF: tl.constexpr):
+                   HQ: tl.constexpr, HK: tl.constexpr, BH: tl.constexpr, HALF: tl.constexpr,
+                   LIBDEVICE: tl.constexpr):
     t = tl.program_id(0)
     offs_d = tl.arange(0, HALF)
     ang = tl.load(pos_ptr + t).to(tl.float32) * tl.load(inv_ptr + offs_d)
     dt = q_ptr.dtype.element_ty
-    c = tl.cos(ang).to(dt).to(tl.float32)[None, :]  # HF casts cos and sin to the activations' dtype
-    s = tl.sin(ang).to(dt).to(tl.float32)[None, :]
+    # angles reach thousands of radians: tl.cos / tl.sin are the GPU's approximations (cos.approx,
+    # accurate only near [-pi, pi]); libdevice's are CUDA's cosf / sinf, which torch uses. The
+    # interpreter has no libdevice; its tl.cos is numpy's.
+    if LIBDEVICE:
+        c, s = libdevice.cos(ang), libdevice.sin(ang)
+    else:
+        c, s = tl.cos(ang), tl.sin(ang)
+    c = c.to(dt).to(tl.float32)[None, :]  # HF casts cos and sin to the activations' dtype
+    s = s.to(dt).to(tl.float32)[None, :]
     heads = tl.arange(0, BH)
     _rotate(q_ptr + t * stride_qt, heads, heads[:, None] * stride_qh + offs_d[None, :], c, s, HQ, HALF)
     _rotate(k_ptr + t * stride_kt, heads, heads[:, None] * stride_kh + offs_d[None, :], c, s, HK, HALF)

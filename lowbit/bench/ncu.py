@@ -1,0 +1,144 @@
+"""Hardware counters of one kernel launch, read by Nsight Compute (ncu) on the GPU machine.
+
+    python -m lowbit.bench ncu decode-kv4:64:4096 sdpa:64:4096 w4a8:256 fp8:256 --out DIR
+
+A case is `decode-kv4|decode-kv8|sdpa:BATCH:CTX` (Llama-3-8B's attention heads) or
+`w4a8|w4a8-chan|w4a16|w8a8|fp8|bf16:M` (Llama-3-8B's gate_up GEMM, N 28672 x K 4096). Each runs in a
+child process under `ncu --clock-control none` (the clocks are left as they are); the third launch of
+the case's kernel is profiled. Printed per case: time, DRAM bytes and throughput, SM throughput,
+occupancy and the warp stall reasons (cycles per issued instruction, largest first); the raw CSV
+is kept under --out. This is the profile evidence behind docs/benchmarks.md's "why" notes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lowbit.errors import LowbitError
+
+SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis",
+            "SchedulerStats"]
+# the case's kernel, by name (cuBLAS and flash kernels are named by their libraries)
+KERNELS = {"decode-kv4": "_paged_decode_kernel", "decode-kv8": "_paged_decode_kernel",
+           "sdpa": "flash|fmha|attention", "w4a8": "_w4a8_kernel",
+           "w4a8-chan": "_w4a8_kernel", "w4a16": "_w4a16", "w8a8": "_w8a8_kernel", "fp8": "gemm|nvjet|sm90|cutlass",
+           "bf16": "gemm|nvjet|sm90|cutlass"}
+SHOWN = {"gpu__time_duration.sum": "time", "dram__bytes.sum.per_second": "DRAM",
+         "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %",
+         "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM %",
+         "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy %",
+         "launch__registers_per_thread": "regs", "launch__occupancy_limit_registers": "blocks/SM (regs)",
+         "launch__occupancy_limit_shared_mem": "blocks/SM (smem)",
+         "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue active %",
+         "lts__t_sector_hit_rate.pct": "L2 hit %"}
+STALL = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
+
+
+def build(case: str):
+    """The case's run(), built on the GPU."""
+    from lowbit.bench import kernels
+    name, *dims = case.split(":")
+    try:
+        dims = [int(d) for d in dims]
+        if name in ("decode-kv4", "decode-kv8", "sdpa"):
+            batch, ctx = dims
+            if name == "sdpa":
+                return kernels.sdpa_case("llama3-8b", batch, ctx)
+            return kernels.paged_decode_case("llama3-8b", batch, ctx, int(name[-1]))
+        (m,) = dims
+    except ValueError:
+        raise LowbitError(f"bad case {case!r}: want NAME:BATCH:CTX for attention, NAME:M for a GEMM") from None
+    methods = {"w4a8": "W4A8 g128", "w4a8-chan": "W4A8 chan", "w4a16": "W4A16 g128", "w8a8": "W8A8 int8",
+               "fp8": "fp8 cuBLAS", "bf16": "bf16 cuBLAS"}
+    if name not in methods:
+        raise LowbitError(f"unknown case {name!r}: one of {', '.join(KERNELS)}")
+    import torch
+
+    from lowbit.kernels import testing
+    builders, _ = kernels._gemm_methods(m)
+    if methods[name] not in builders:
+        raise LowbitError(f"{name} has no kernel at M={m}")
+    return builders[methods[name]][0](28672, 4096, torch.device("cuda"), testing.gen(0, "cuda"))
+
+
+def launch(case: str) -> None:
+    import torch
+    run = build(case)
+    for _ in range(5):
+        run()
+    torch.cuda.synchronize()
+
+
+def parse(text: str) -> dict:
+    """ncu's `--csv --page raw` output (one kernel) as {metric: (unit, value)}; {} if it has none."""
+    lines = [ln for ln in text.splitlines() if ln.startswith('"')]
+    if len(lines) < 3:
+        return {}
+    head, units, values = list(csv.reader(io.StringIO("\n".join(lines[:3]))))
+    return {h: (u, v) for h, u, v in zip(head, units, values)}
+
+
+def profile(case: str, out: Path) -> dict:
+    """ncu's raw metrics of the case's third kernel launch, as {metric: (unit, value)}."""
+    name = case.split(":")[0]
+    if name not in KERNELS:
+        raise LowbitError(f"unknown case {name!r}: one of {', '.join(KERNELS)}")
+    cmd = ["ncu", "--clock-control", "none", "--csv", "--page", "raw", "--kernel-name", f"regex:{KERNELS[name]}",
+           "--launch-skip", "2", "--launch-count", "1", *[a for s in SECTIONS for a in ("--section", s)],
+           sys.executable, "-m", "lowbit.bench", "ncu", "--launch", case]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    (out / f"{case.replace(':', '_')}.csv").write_text(done.stdout + done.stderr)
+    metrics = parse(done.stdout)
+    if done.returncode or not metrics:
+        raise LowbitError(f"ncu gave no metrics for {case} (rc {done.returncode}): "
+                          + (done.stderr.strip().splitlines() or ["no output"])[-1])
+    return metrics
+
+
+def summary(case: str, metrics: dict) -> str:
+    parts = [f"{case} [{metrics.get('Kernel Name', ('', '?'))[1][:40]}]"]
+    for key, label in SHOWN.items():
+        if key in metrics:
+            unit, value = metrics[key]
+            parts.append(f"{label} {value}{(' ' + unit) if unit and unit != '%' else ''}")
+    stalls = sorted(((float(v.replace(",", "")), k[len(STALL[0]):-len(STALL[1])]) for k, (_, v) in metrics.items()
+                     if k.startswith(STALL[0]) and k.endswith(STALL[1]) and v.replace(",", "").replace(".", "").isdigit()),
+                    reverse=True)
+    parts.append("stalls (cycles/issue): " + ", ".join(f"{n} {v:.1f}" for v, n in stalls[:6]))
+    return "\n  ".join(parts)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lowbit.bench ncu", description=__doc__.split("\n\n")[0])
+    p.add_argument("cases", nargs="*", metavar="CASE")
+    p.add_argument("--from-csv", type=Path, metavar="DIR", help="summarize the raw CSVs an earlier run kept")
+    p.add_argument("--out", type=Path, default=Path("out/ncu"), help="directory for the raw CSV of each case")
+    p.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)  # the child ncu profiles
+    args = p.parse_args(argv)
+    if args.from_csv:
+        for path in sorted(args.from_csv.glob("*.csv")):
+            print(summary(path.stem.replace("_", ":"), parse(path.read_text())))
+        return 0
+    if not args.cases:
+        raise LowbitError("name at least one case (or --from-csv DIR)")
+    if args.launch:
+        launch(args.cases[0])
+        return 0
+    if shutil.which("ncu") is None:
+        raise LowbitError("ncu (Nsight Compute) is not on the PATH")
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    rc = 0
+    for case in args.cases:
+        try:
+            print(summary(case, profile(case, args.out)), flush=True)
+        except LowbitError as e:
+            print(f"{case}: {e}", flush=True)
+            rc = 1
+    return rc
