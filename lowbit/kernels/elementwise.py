@@ -36,7 +36,7 @@ def rotary_triton(positions, q, k, inv_freq):
     t, hq, d = q.shape
     _rotary_kernel[(t,)](q, k, positions, inv_freq, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          HQ=hq, HK=k.shape[1], BH=triton.next_power_of_2(max(hq, k.shape[1])), HALF=d // 2,
-                         LIBDEVICE=q.is_cuda, num_warps=4)
+                         LIBDEVICE=q.is_cuda, num_warps=4, enable_fp_fusion=False)  # no FMA: HF rounds each product
     return q, k
 
 
