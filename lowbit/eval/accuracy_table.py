@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.eval.agreement import kl_agreement
 from lowbit.eval.harness import (acc_stderr, difference_in_stderrs, evaluate_tasks, mean_of_means_stderr,
                                  paired_difference)
@@ -172,6 +173,9 @@ def versus(r: dict, other: dict) -> str:
 
 def render(results_dir: Path) -> str:
     res = _load(results_dir)
+    if "bf16" not in res:
+        raise LowbitError(f"{results_dir} has no bf16.json: the table is relative to the unquantized row "
+                          "(measure it too, or copy these results beside it)")
     base = res["bf16"]
     first = next(iter(res.values()))
     lines = [
@@ -300,7 +304,10 @@ def main(argv=None) -> None:
     p.add_argument("--plots", default=None, metavar="DIR", help="with --render: write the PNG plots to DIR")
     args = p.parse_args(argv)
     if args.render:
-        table = render(Path(args.render))
+        try:
+            table = render(Path(args.render))
+        except LowbitError as e:
+            raise SystemExit(f"accuracy_table: {e}") from None
         if args.markdown:
             replace_block(Path(args.markdown), table)
         if args.plots:
@@ -308,7 +315,10 @@ def main(argv=None) -> None:
         print(table)
     else:
         measure(args)
-        print(render(Path(args.out)))
+        try:
+            print(render(Path(args.out)))
+        except LowbitError as e:  # the measured rows are saved all the same
+            print(f"not rendered: {e}")
 
 
 def replace_block(path: Path, table: str) -> None:
