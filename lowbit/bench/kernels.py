@@ -116,11 +116,13 @@ def _gemm_methods(m: int):
             return lambda: w4a8_gemm_triton(x, xs, w, cfg)
         return build
 
-    def w4a16(n, k, dev, g):
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        codes = testing.randint(-8, 7, (n, k), g, device=dev)
-        w = prepare_w4a16(pack_int4(codes), k, testing.randscale((n, k // 128), g, device=dev))
-        return lambda: w4a16_gemm_triton(x, w)
+    def w4a16(cfg=None):
+        def build(n, k, dev, g):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            codes = testing.randint(-8, 7, (n, k), g, device=dev)
+            w = prepare_w4a16(pack_int4(codes), k, testing.randscale((n, k // 128), g, device=dev))
+            return lambda: w4a16_gemm_triton(x, w, cfg)
+        return build
 
     def w4a4(n, k, dev, g):
         k4, ng = k - 128, math.ceil((k - 128) / 128)
@@ -140,18 +142,22 @@ def _gemm_methods(m: int):
         "W8A8 fp8": (w8a8(fp8) if m <= 64 else None, "fp8", 8, 1),
         "W4A8 g128": (w4a8(True), "int8", 4, 1),
         "W4A8 chan": (w4a8(False), "int8", 4, 1),
-        "W4A16 g128": (w4a16 if m <= 256 else None, "bf16", 4, 2),
+        "W4A16 g128": (w4a16() if m <= 256 else None, "bf16", 4, 2),
         "W4A4 Atom": (w4a4, "int8", 4, 0.5),
     }
-    configured = {"W4A8 g128": lambda cfg: w4a8(True, cfg), "W8A8 int8": lambda cfg: w8a8(torch.int8, cfg)}
+    configured = {"W4A8 g128": lambda cfg: w4a8(True, cfg), "W8A8 int8": lambda cfg: w8a8(torch.int8, cfg),
+                  "W4A16 g128": w4a16}
     return {k: v for k, v in methods.items() if v[0] is not None}, configured
 
 
 def _sweeps(m: int) -> dict:
     """Tile configs to time beside the defaults (`--sweep`): name -> (kernel, configs)."""
+    from lowbit.kernels.common import TileConfig
     from lowbit.kernels.w4a8 import W4A8Config
     from lowbit.kernels.w8a8 import W8A8Config
     bm = max(16, 1 << (m - 1).bit_length())
+    w4a16 = [TileConfig(swap=True, block_m=bm, block_n=bn, num_stages=stages, waves=waves)
+             for bn, stages, waves in ((128, 2, 2), (128, 3, 2), (64, 4, 2), (64, 2, 4))] if m <= 64 else []
     if m <= 64:
         w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=bn, waves=waves)
               for acc in (True, False) for bn in (64, 128) for waves in (2, 4, 8)]
@@ -165,7 +171,7 @@ def _sweeps(m: int) -> dict:
               W4A8Config(swap=True, block_m=128, block_n=256, num_warps=8, num_stages=3),
               W4A8Config(widen=True)]
         w8 = [W8A8Config(False, 128, 128, num_warps=8), W8A8Config(False, 256, 128, num_warps=8, num_stages=3)]
-    return {"W4A8 g128": w4, "W8A8 int8": w8}
+    return {"W4A8 g128": w4, "W8A8 int8": w8, "W4A16 g128": w4a16}
 
 
 def _label(cfg) -> str:

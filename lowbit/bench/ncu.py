@@ -5,9 +5,9 @@
 A case is `decode-kv4|decode-kv8|sdpa:BATCH:CTX` (Llama-3-8B's attention heads) or
 `w4a8|w4a8-chan|w4a16|w8a8|fp8|bf16:M` (Llama-3-8B's gate_up GEMM, N 28672 x K 4096). Each runs in a
 child process under `ncu --clock-control none` (the clocks are left as they are); the third launch of
-the case's kernel is profiled. Printed per case: time, DRAM bytes and throughput, SM throughput,
-occupancy and the warp stall reasons (cycles per issued instruction, largest first); the raw CSV
-is kept under --out. This is the profile evidence behind docs/benchmarks.md's "why" notes.
+the case's kernel is profiled. Printed, a table row per case: time, DRAM throughput, SM throughput,
+issue activity, resident warps, the occupancy limits and the warp stall reasons (cycles per issued
+instruction, largest first); the raw CSV is kept under --out (`--from-csv DIR` re-prints it). This is the profile evidence behind docs/benchmarks.md's "why" notes.
 """
 from __future__ import annotations
 
@@ -29,14 +29,14 @@ KERNELS = {"decode-kv4": "_paged_decode_kernel", "decode-kv8": "_paged_decode_ke
            "sdpa": "flash|fmha|attention", "w4a8": "_w4a8_kernel",
            "w4a8-chan": "_w4a8_kernel", "w4a16": "_w4a16", "w8a8": "_w8a8_kernel", "fp8": "gemm|nvjet|sm90|cutlass",
            "bf16": "gemm|nvjet|sm90|cutlass"}
-SHOWN = {"gpu__time_duration.sum": "time", "dram__bytes.sum.per_second": "DRAM",
-         "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed": "DRAM %",
-         "sm__throughput.avg.pct_of_peak_sustained_elapsed": "SM %",
-         "sm__warps_active.avg.pct_of_peak_sustained_active": "occupancy %",
-         "launch__registers_per_thread": "regs", "launch__occupancy_limit_registers": "blocks/SM (regs)",
-         "launch__occupancy_limit_shared_mem": "blocks/SM (smem)",
-         "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue active %",
-         "lts__t_sector_hit_rate.pct": "L2 hit %"}
+COLUMNS = [  # (heading, metric, scale): the table's columns from ncu's raw page
+    ("us", "gpu__time_duration.sum", 1e-3), ("DRAM TB/s", "dram__bytes.sum.per_second", 1e-12),
+    ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed", 1),
+    ("issue %", "smsp__issue_active.avg.pct_of_peak_sustained_active", 1),
+    ("warps / scheduler", "smsp__warps_active.avg.per_cycle_active", 1),
+    ("regs", "launch__registers_per_thread", 1), ("blocks / SM by regs", "launch__occupancy_limit_registers", 1),
+    ("by smem", "launch__occupancy_limit_shared_mem", 1), ("L2 hit %", "lts__t_sector_hit_rate.pct", 1)]
 STALL = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 
 
@@ -101,17 +101,28 @@ def profile(case: str, out: Path) -> dict:
     return metrics
 
 
-def summary(case: str, metrics: dict) -> str:
-    parts = [f"{case} [{metrics.get('Kernel Name', ('', '?'))[1][:40]}]"]
-    for key, label in SHOWN.items():
-        if key in metrics:
-            unit, value = metrics[key]
-            parts.append(f"{label} {value}{(' ' + unit) if unit and unit != '%' else ''}")
-    stalls = sorted(((float(v.replace(",", "")), k[len(STALL[0]):-len(STALL[1])]) for k, (_, v) in metrics.items()
-                     if k.startswith(STALL[0]) and k.endswith(STALL[1]) and v.replace(",", "").replace(".", "").isdigit()),
-                    reverse=True)
-    parts.append("stalls (cycles/issue): " + ", ".join(f"{n} {v:.1f}" for v, n in stalls[:6]))
-    return "\n  ".join(parts)
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    """A markdown row per (case, metrics): the COLUMNS, then the largest stall reasons in cycles
+    per issued instruction (a warp's wait between two of its instructions, by cause)."""
+    head = ["case", "kernel", *[c[0] for c in COLUMNS], "stalls (cycles / issue)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for case, metrics in rows:
+        cells = [case, metrics.get("Kernel Name", ("", "?"))[1][:32]]
+        for _, key, scale in COLUMNS:
+            v = _number(metrics.get(key, ("", ""))[1])
+            cells.append("-" if v is None else f"{v * scale:.3g}" if scale != 1 else f"{v:g}")
+        stalls = sorted(((v, k[len(STALL[0]):-len(STALL[1])]) for k, (_, text) in metrics.items()
+                         if k.startswith(STALL[0]) and k.endswith(STALL[1]) and (v := _number(text))), reverse=True)
+        cells.append(", ".join(f"{name} {v:.1f}" for v, name in stalls[:4]))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -122,8 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--launch", action="store_true", help=argparse.SUPPRESS)  # the child ncu profiles
     args = p.parse_args(argv)
     if args.from_csv:
-        for path in sorted(args.from_csv.glob("*.csv")):
-            print(summary(path.stem.replace("_", ":"), parse(path.read_text())))
+        print(table([(path.stem.replace("_", ":"), parse(path.read_text()))
+                     for path in sorted(args.from_csv.glob("*.csv"))]))
         return 0
     if not args.cases:
         raise LowbitError("name at least one case (or --from-csv DIR)")
@@ -134,11 +145,12 @@ def main(argv=None) -> int:
         raise LowbitError("ncu (Nsight Compute) is not on the PATH")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    rc = 0
+    rows, rc = [], 0
     for case in args.cases:
         try:
-            print(summary(case, profile(case, args.out)), flush=True)
+            rows.append((case, profile(case, args.out)))
         except LowbitError as e:
             print(f"{case}: {e}", flush=True)
             rc = 1
+    print(table(rows))
     return rc
