@@ -407,9 +407,11 @@ def tables(result: dict, markdown: bool) -> str:
             key = (r["method"].split(" [")[0], r.get("m", (r.get("batch"), r.get("ctx"))))
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
-        out += ["", "Sweep: fastest config per method and M (or batch, ctx)",
-                table(["method", "M / (batch, ctx)", "us", "config"],
-                      [[k[0], str(k[1]), _fmt(r["us"]),
+        defaults = {(r["method"], r.get("m", (r.get("batch"), r.get("ctx")))): r["us"]
+                    for r in lin + att if " [" not in r["method"] and "us" in r}
+        out += ["", "Sweep: fastest config per method and M (or batch, ctx), beside the default's time",
+                table(["method", "M / (batch, ctx)", "default us", "us", "config"],
+                      [[k[0], str(k[1]), _fmt(defaults.get(k)), _fmt(r["us"]),
                         (_short if k[0] == "W4A8 g128" else str)(r["method"].split(" [")[1].rstrip("]"))]
                        for k, r in sorted(best.items(), key=str)])]
     mma = sorted({(k["kernel"], ", ".join(f"{n}={k['constants'][n]}" for n in ("SWAP", "SCALE_ACC", "BM", "BN", "FP8")
