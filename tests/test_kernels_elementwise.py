@@ -45,7 +45,11 @@ def test_rmsnorm_kernel_matches_the_reference(t, h):
     w = (1 + 0.1 * testing.randn((h,), g, torch.float32)).to(torch.bfloat16).to(DEV)
     got = elementwise.rmsnorm_triton(x, w, 1e-5)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
-    _mostly_equal(got, reference.rmsnorm(x.cpu(), w.cpu(), 1e-5))
+    want = reference.rmsnorm(x.cpu(), w.cpu(), 1e-5)
+    # the normalized value is rounded before the weight multiply (as HF does): a last-bit difference
+    # in rstd flips that rounding now and then, an ulp of it (up to 2^-7 |want|), plus the product's
+    # own half ulp
+    _mostly_equal(got, want, 1.5 * want.abs())
 
 
 def _qk(t, hq, hk, d, g, device="cpu"):

@@ -39,7 +39,8 @@ def test_round_trip_per_token_and_head(bits, group_size, fp8):
     err = (out.float() - x).abs()
     step = expand_qparams(scale, kv_spec(bits, group_size, fp8), 64)
     bound = torch.maximum(x.abs() * 2**-4, step * 2**-10) if fp8 else step / 2
-    assert (err <= bound * 1.001 + x.abs() * 2**-8).all()
+    # plus the bf16 rounding of the output: half an ulp of it, |out| 2^-8 at most
+    assert (err <= bound * 1.001 + out.float().abs() * 2**-8).all()
     one = quantize_kv(x[2, 1], bits, group_size, fp8)
     assert torch.equal(one[0].view(torch.uint8), codes[2, 1].view(torch.uint8)) and torch.equal(one[1], scale[2, 1])
 
