@@ -7,14 +7,14 @@ A case is `decode-kv4|decode-kv8|sdpa:BATCH:CTX` (Llama-3-8B's attention heads) 
 child process under `ncu --clock-control none` (the clocks are left as they are); the third launch of
 the case's kernel is profiled. Printed, a table row per case: time, DRAM throughput, SM throughput,
 issue activity, resident warps, the occupancy limits and the warp stall reasons (cycles per issued
-instruction, largest first); the raw CSV is kept under --out (`--from-csv DIR` re-prints it). This is the profile evidence behind docs/benchmarks.md's "why" notes.
+instruction, largest first); the raw CSV is kept under --out (`--from-csv DIR` re-prints it).
+This is the profile evidence behind docs/benchmarks.md's "why" notes.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -24,11 +24,12 @@ from lowbit.errors import LowbitError
 
 SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis",
             "SchedulerStats"]
-# the case's kernel, by name (cuBLAS and flash kernels are named by their libraries)
-KERNELS = {"decode-kv4": "_paged_decode_kernel", "decode-kv8": "_paged_decode_kernel",
-           "sdpa": "flash|fmha|attention", "w4a8": "_w4a8_kernel",
-           "w4a8-chan": "_w4a8_kernel", "w4a16": "_w4a16", "w8a8": "_w8a8_kernel", "fp8": "gemm|nvjet|sm90|cutlass",
-           "bf16": "gemm|nvjet|sm90|cutlass"}
+# case -> the kernel profiled, by name (cuBLAS and cuDNN name theirs), and for a GEMM the method
+# of `lowbit.bench.kernels` that builds it
+ATTENTION = {"decode-kv4": "_paged_decode_kernel", "decode-kv8": "_paged_decode_kernel", "sdpa": "flash|fmha|sdpa"}
+GEMMS = {"w4a8": ("_w4a8_kernel", "W4A8 g128"), "w4a8-chan": ("_w4a8_kernel", "W4A8 chan"),
+         "w4a16": ("_w4a16_kernel", "W4A16 g128"), "w8a8": ("_w8a8_kernel", "W8A8 int8"),
+         "fp8": ("gemm|nvjet|sm90|cutlass", "fp8 cuBLAS"), "bf16": ("gemm|nvjet|sm90|cutlass", "bf16 cuBLAS")}
 COLUMNS = [  # (heading, metric, scale): the table's columns from ncu's raw page
     ("us", "gpu__time_duration.sum", 1e-3), ("DRAM TB/s", "dram__bytes.sum.per_second", 1e-12),
     ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed", 1),
@@ -40,31 +41,37 @@ COLUMNS = [  # (heading, metric, scale): the table's columns from ncu's raw page
 STALL = "smsp__average_warps_issue_stalled_", "_per_issue_active.ratio"
 
 
+def _kernel(case: str) -> str:
+    name = case.split(":")[0]
+    if name not in ATTENTION and name not in GEMMS:
+        raise LowbitError(f"unknown case {name!r}: one of {', '.join([*ATTENTION, *GEMMS])}")
+    return ATTENTION[name] if name in ATTENTION else GEMMS[name][0]
+
+
 def build(case: str):
     """The case's run(), built on the GPU."""
+    _kernel(case)
     from lowbit.bench import kernels
     name, *dims = case.split(":")
     try:
         dims = [int(d) for d in dims]
-        if name in ("decode-kv4", "decode-kv8", "sdpa"):
+        if name in ATTENTION:
             batch, ctx = dims
-            if name == "sdpa":
-                return kernels.sdpa_case("llama3-8b", batch, ctx)
-            return kernels.paged_decode_case("llama3-8b", batch, ctx, int(name[-1]))
-        (m,) = dims
+        else:
+            (m,) = dims
     except ValueError:
         raise LowbitError(f"bad case {case!r}: want NAME:BATCH:CTX for attention, NAME:M for a GEMM") from None
-    methods = {"w4a8": "W4A8 g128", "w4a8-chan": "W4A8 chan", "w4a16": "W4A16 g128", "w8a8": "W8A8 int8",
-               "fp8": "fp8 cuBLAS", "bf16": "bf16 cuBLAS"}
-    if name not in methods:
-        raise LowbitError(f"unknown case {name!r}: one of {', '.join(KERNELS)}")
+    if name == "sdpa":
+        return kernels.sdpa_case("llama3-8b", batch, ctx)
+    if name in ATTENTION:
+        return kernels.paged_decode_case("llama3-8b", batch, ctx, int(name[-1]))
     import torch
 
     from lowbit.kernels import testing
     builders, _ = kernels._gemm_methods(m)
-    if methods[name] not in builders:
+    if GEMMS[name][1] not in builders:
         raise LowbitError(f"{name} has no kernel at M={m}")
-    return builders[methods[name]][0](28672, 4096, torch.device("cuda"), testing.gen(0, "cuda"))
+    return builders[GEMMS[name][1]][0](28672, 4096, torch.device("cuda"), testing.gen(0, "cuda"))
 
 
 def launch(case: str) -> None:
@@ -86,10 +93,7 @@ def parse(text: str) -> dict:
 
 def profile(case: str, out: Path) -> dict:
     """ncu's raw metrics of the case's third kernel launch, as {metric: (unit, value)}."""
-    name = case.split(":")[0]
-    if name not in KERNELS:
-        raise LowbitError(f"unknown case {name!r}: one of {', '.join(KERNELS)}")
-    cmd = ["ncu", "--clock-control", "none", "--csv", "--page", "raw", "--kernel-name", f"regex:{KERNELS[name]}",
+    cmd = ["ncu", "--clock-control", "none", "--csv", "--page", "raw", "--kernel-name", f"regex:{_kernel(case)}",
            "--launch-skip", "2", "--launch-count", "1", *[a for s in SECTIONS for a in ("--section", s)],
            sys.executable, "-m", "lowbit.bench", "ncu", "--launch", case]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -144,7 +148,6 @@ def main(argv=None) -> int:
     if shutil.which("ncu") is None:
         raise LowbitError("ncu (Nsight Compute) is not on the PATH")
     args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     rows, rc = [], 0
     for case in args.cases:
         try:
