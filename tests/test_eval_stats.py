@@ -105,3 +105,18 @@ def test_versus_rtn_is_paired_when_outcomes_are_on_file(tmp_path):
         (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
     assert "se, paired) |" in next(line for line in render(tmp_path).splitlines()
                                    if line.startswith("| `w4a16` |") and "±" in line)
+
+
+def test_per_task_paired_table(tmp_path):
+    # "1101" against "1010": per-item differences (0, +1, -1, +1), mean +0.25, se sqrt(11/48) per task
+    outcomes = {t: "1101" for t in TASKS}
+    rows = [_result("bf16", [0.5] * 6), _result("w4a16", [0.75] * 6, n=4, outcomes=outcomes),
+            _result("rtn-w4a16", [0.5] * 6, n=4, outcomes={t: "1010" for t in TASKS}),
+            _result("w4a8kv4", [0.75] * 6, n=4, outcomes=outcomes)]  # no RTN row at its bits: left out
+    for r in rows:
+        (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
+    text = render(tmp_path)
+    table = text.split("Per task, paired")[1].splitlines()
+    row = next(line for line in table if line.startswith("| `w4a16` |"))
+    assert row == "| `w4a16` | `rtn-w4a16` | " + " | ".join([f"+0.250 ± {math.sqrt(11 / 48):.3f}"] * 6) + " |"
+    assert not any(line.startswith("| `w4a8kv4` |") for line in table)

@@ -227,6 +227,7 @@ def render(results_dir: Path) -> str:
                 cells.append(f"{_pm(*per_task[task], 3)}{extra}")
             vs = versus(r, res[f"rtn-{name}"]) if f"rtn-{name}" in stats else ""
             lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {_pm(avg, avg_se, 4)} | {vs} | {r['tasks_s']} |")
+    lines += _paired_table(res)
     variants = [v for v in VARIANTS if v in res]
     if variants:
         lines += ["", "What else was tried (one change to a recipe each; same data and scoring; KL and the task "
@@ -246,6 +247,31 @@ def render(results_dir: Path) -> str:
                          f"{'' if kl is None else f'{kl:.4f}'} | {'' if avg is None else f'{avg:.4f}'} | "
                          f"{'' if avg is None or own_avg is None else f'{own_avg:.4f}'} | {_commit(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _has_outcomes(r: dict) -> bool:
+    return "tasks" in r and all("outcomes" in m for m in r["tasks"]["tasks"].values())
+
+
+def _paired_table(res: dict) -> list[str]:
+    """Per task, each calibrated row (or variant) minus RTN at its bits, paired over the items: the
+    rows (both sides) that keep per-item outcomes."""
+    pairs = []
+    for name in [*ROWS, *VARIANTS]:
+        base = f"rtn-{VARIANTS[name].description.split(' with ')[0] if name in VARIANTS else name}"
+        if name in res and base in res and not name.startswith("rtn-") and _has_outcomes(res[name]) \
+                and _has_outcomes(res[base]):
+            pairs.append((name, base))
+    if not pairs:
+        return []
+    lines = ["", "Per task, paired: accuracy minus RTN's at the same bits, ± the standard error of the per-item "
+                 "differences (rows whose results keep every item's outcome).", "",
+             "| recipe | vs | " + " | ".join(TASKS) + " |", "| --- | --- | " + " | ".join("---" for _ in TASKS) + " |"]
+    for name, base in pairs:
+        ta, tb = res[name]["tasks"]["tasks"], res[base]["tasks"]["tasks"]
+        cells = [_pm(*paired_difference(ta[t]["outcomes"], tb[t]["outcomes"]), 3) for t in TASKS]
+        lines.append(f"| `{name}` | `{base}` | " + " | ".join(c if c.startswith("-") else "+" + c for c in cells) + " |")
+    return lines
 
 
 def plot(results_dir: Path, png_dir: Path) -> None:
