@@ -254,8 +254,8 @@ def sdpa_case(model: str, batch: int, ctx: int):
 
 def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) -> list[dict]:
     from lowbit.kernels.paged_attention import DecodeConfig
-    cfg = MODELS[model]
-    hq, hkv, d = cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     rows = []
     per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2}
     builders = {"KV8 paged": lambda: paged_decode_case(model, batch, ctx, 8),

@@ -24,9 +24,10 @@ from lowbit.errors import LowbitError
 
 SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "MemoryWorkloadAnalysis",
             "SchedulerStats"]
-# case -> the kernel profiled, by name (cuBLAS and cuDNN name theirs), and for a GEMM the method
-# of `lowbit.bench.kernels` that builds it
-ATTENTION = {"decode-kv4": "_paged_decode_kernel", "decode-kv8": "_paged_decode_kernel", "sdpa": "flash|fmha|sdpa"}
+# case -> the kernel profiled, by name (cuBLAS and cuDNN name theirs), and the cache's bits (None:
+# SDPA in bf16) or for a GEMM the method of `lowbit.bench.kernels` that builds it
+ATTENTION = {"decode-kv4": ("_paged_decode_kernel", 4), "decode-kv8": ("_paged_decode_kernel", 8),
+             "sdpa": ("flash|fmha|sdpa", None)}
 GEMMS = {"w4a8": ("_w4a8_kernel", "W4A8 g128"), "w4a8-chan": ("_w4a8_kernel", "W4A8 chan"),
          "w4a16": ("_w4a16_kernel", "W4A16 g128"), "w8a8": ("_w8a8_kernel", "W8A8 int8"),
          "fp8": ("gemm|nvjet|sm90|cutlass", "fp8 cuBLAS"), "bf16": ("gemm|nvjet|sm90|cutlass", "bf16 cuBLAS")}
@@ -45,7 +46,7 @@ def _kernel(case: str) -> str:
     name = case.split(":")[0]
     if name not in ATTENTION and name not in GEMMS:
         raise LowbitError(f"unknown case {name!r}: one of {', '.join([*ATTENTION, *GEMMS])}")
-    return ATTENTION[name] if name in ATTENTION else GEMMS[name][0]
+    return (ATTENTION[name] if name in ATTENTION else GEMMS[name])[0]
 
 
 def build(case: str):
@@ -61,10 +62,10 @@ def build(case: str):
             (m,) = dims
     except ValueError:
         raise LowbitError(f"bad case {case!r}: want NAME:BATCH:CTX for attention, NAME:M for a GEMM") from None
-    if name == "sdpa":
-        return kernels.sdpa_case("llama3-8b", batch, ctx)
     if name in ATTENTION:
-        return kernels.paged_decode_case("llama3-8b", batch, ctx, int(name[-1]))
+        bits = ATTENTION[name][1]
+        return kernels.sdpa_case("llama3-8b", batch, ctx) if bits is None else \
+            kernels.paged_decode_case("llama3-8b", batch, ctx, bits)
     import torch
 
     from lowbit.kernels import testing

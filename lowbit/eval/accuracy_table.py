@@ -237,8 +237,7 @@ def render(results_dir: Path) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name in variants:
             r, v = res[name], VARIANTS[name]
-            parent_name = v.description.split(" with ")[0]
-            parent = res.get(parent_name, {})
+            parent = res.get(_parent(name), {})
             own = parent.get("ppl")
             kl = r.get("agreement", {}).get("kl_mean")
             avg, own_avg = (x.get("tasks", {}).get("average_acc") for x in (r, parent))
@@ -247,6 +246,11 @@ def render(results_dir: Path) -> str:
                          f"{'' if kl is None else f'{kl:.4f}'} | {'' if avg is None else f'{avg:.4f}'} | "
                          f"{'' if avg is None or own_avg is None else f'{own_avg:.4f}'} | {_commit(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _parent(variant: str) -> str:
+    """The recipe a variant changes one thing of (`_variant` names it first in the description)."""
+    return VARIANTS[variant].description.split(" with ")[0]
 
 
 def _has_outcomes(r: dict) -> bool:
@@ -258,7 +262,7 @@ def _paired_table(res: dict) -> list[str]:
     rows (both sides) that keep per-item outcomes."""
     pairs = []
     for name in [*ROWS, *VARIANTS]:
-        base = f"rtn-{VARIANTS[name].description.split(' with ')[0] if name in VARIANTS else name}"
+        base = f"rtn-{_parent(name) if name in VARIANTS else name}"
         if name in res and base in res and not name.startswith("rtn-") and _has_outcomes(res[name]) \
                 and _has_outcomes(res[base]):
             pairs.append((name, base))
