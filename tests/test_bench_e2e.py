@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 
@@ -46,8 +47,13 @@ def test_sweep_writes_rows_and_rerenders(tmp_path, capsys):
 def test_time_cap_and_budget(tmp_path, monkeypatch, capsys):
     """A workload past --config-time-s is cut (its row says so); no config starts once the budget is spent."""
     out = tmp_path / "res"
+    # the run's clock advances 0.1 s per reading (one or two a step): the cap falls after a few steps
+    # whatever this machine's speed, long before 490 tokens
+    run_clock = itertools.count(0, 0.1)
+    monkeypatch.setattr(time, "perf_counter", lambda: next(run_clock))
     assert e2e.main(["--device", "cpu", "--out", str(out), "--max-prompts", "4", "--warmup-seqs", "0",
                      "--config-time-s", "1.0", "tiny:bf16:16/490"]) == 0
+    monkeypatch.undo()
     row = json.loads((out / "tiny__bf16__16x490.json").read_text())
     assert row["capped"] and row["num_requests"] < 4 and 0 < row["output_tokens"] < 4 * 490
     assert "capped at 1.0 s" in capsys.readouterr().out
