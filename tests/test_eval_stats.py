@@ -6,8 +6,9 @@ import statistics
 
 import pytest
 
-from lowbit.eval.accuracy_table import TASKS, render, task_stats, versus
+from lowbit.eval.accuracy_table import TASKS, VARIANTS, render, task_stats, versus
 from lowbit.eval.harness import acc_stderr, difference_in_stderrs, mean_of_means_stderr, paired_difference
+from lowbit.quant.recipes import RECIPES
 
 
 def test_acc_stderr_by_hand():
@@ -120,3 +121,29 @@ def test_per_task_paired_table(tmp_path):
     row = next(line for line in table if line.startswith("| `w4a16` |"))
     assert row == "| `w4a16` | `rtn-w4a16` | " + " | ".join([f"+0.250 ± {math.sqrt(11 / 48):.3f}"] * 6) + " |"
     assert not any(line.startswith("| `w4a8kv4` |") for line in table)
+
+
+def test_variant_of_a_variant_is_paired_with_the_rtn_row_of_its_root(tmp_path):
+    # w4a16-noclip changes w4a16-gptq, which changes w4a16: its RTN baseline is rtn-w4a16's, its
+    # "the recipe's" columns are w4a16-gptq's, and it keeps GPTQ from its parent
+    assert VARIANTS["w4a16-noclip"].method == "gptq" and not VARIANTS["w4a16-noclip"].clip_search
+    assert VARIANTS["w4a16-gptq"].smoothing is None and RECIPES["w4a16"].smoothing == "awq"
+    outcomes = {t: "1101" for t in TASKS}
+    rows = [_result("bf16", [0.5] * 6), _result("rtn-w4a16", [0.5] * 6, n=4, outcomes={t: "1010" for t in TASKS}),
+            _result("w4a16-gptq", [0.6] * 6), _result("w4a16-noclip", [0.75] * 6, n=4, outcomes=outcomes)]
+    rows[2]["ppl"] = 28.0
+    for r in rows:
+        (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
+    text = render(tmp_path)
+    paired = next(line for line in text.split("Per task, paired")[1].splitlines() if line.startswith("| `w4a16-noclip` |"))
+    assert paired.startswith("| `w4a16-noclip` | `rtn-w4a16` | +0.250 ± ")
+    tried = next(line for line in text.split("What else was tried")[1].splitlines() if line.startswith("| `w4a16-noclip` |"))
+    assert "| 28.000 |" in tried and "| 0.6000 |" in tried
+
+
+def test_a_row_measured_under_another_name_says_so(tmp_path):
+    rows = [_result("bf16", [0.5] * 6), dict(_result("w4a16", [0.75] * 6), measured_as="w4a16-awq")]
+    for r in rows:
+        (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
+    row = next(line for line in render(tmp_path).splitlines() if line.startswith("| `w4a16` |") and "%" in line)
+    assert row.endswith("(as `w4a16-awq`) |")

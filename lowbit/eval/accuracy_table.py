@@ -37,36 +37,36 @@ TASKS = ["piqa", "arc_easy", "arc_challenge", "winogrande", "boolq", "lambada_op
 KL_WINDOWS = 20  # KL / top-1 agreement on the first 20 windows (41k tokens), against the unquantized model
 
 
-def _variant(base: str, name: str, note: str, **changes):
-    r = RECIPES[base]
-    return dataclasses.replace(r, name=name, description=f"{base} with {note}", **changes)
+VARIANTS: dict = {}  # what else was tried: each a named recipe (or variant) with one thing changed
+
+
+def _variant(base: str, name: str, note: str, **changes) -> None:
+    r = RECIPES[base] if base in RECIPES else VARIANTS[base]
+    VARIANTS[name] = dataclasses.replace(r, name=name, description=f"{base} with {note}", **changes)
 
 
 _QS = RECIPES["w4a16"].weight.__class__
-# what else was tried: each a named recipe with one thing changed, measured beside the table
-VARIANTS = {v.name: v for v in [
-    _variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8),
-    _variant("w8a8", "w8a8-gptq", "GPTQ int8 weights after SmoothQuant", method="gptq"),
-    _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant"),
-    _variant("w4a16", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False),
-    _variant("w4a16", "w4a16-hclip", "each group's clip ratio by its output error under the Hessian, not the "
-             "weight MSE", clip_by_output=True),
-    _variant("w4a16", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False),
-    _variant("w4a16", "w4a16-damp0.1", "GPTQ dampening 0.1 of the mean Hessian diagonal (not 0.01)", damp=0.1),
-    _variant("w4a16", "w4a16-awq", "AWQ scales and RTN with clip search instead of GPTQ", method="rtn",
-             smoothing="awq"),
-    _variant("w4a16", "w4a16-rtn-clip", "RTN with clip search instead of GPTQ", method="rtn"),
-    _variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8)),
-    _variant("w4a8kv4", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False),
-    _variant("w4a8kv4", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None),
-    _variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False),
-    _variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False),
-    _variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False),
-    _variant("w4a4kv4-rot", "w4a4kv4-rot-perchannel-no-actorder",
-             "per-channel weights and per-token activations (QuaRot's default), no act-order",
-             weight=_QS(bits=4, granularity="channel"), activation=_QS(bits=4, granularity="channel", clip=0.9),
-             act_order=False),
-]}
+_variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8)
+_variant("w8a8", "w8a8-gptq", "GPTQ int8 weights after SmoothQuant", method="gptq")
+_variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant")
+_variant("w4a16", "w4a16-gptq", "GPTQ (act-order, static groups) instead of AWQ scales and RTN", method="gptq",
+         smoothing=None)
+_variant("w4a16-gptq", "w4a16-noclip", "min/max group scales (no clip search)", clip_search=False)
+_variant("w4a16-gptq", "w4a16-hclip", "each group's clip ratio by its output error under the Hessian, not "
+         "the weight MSE", clip_by_output=True)
+_variant("w4a16-gptq", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False)
+_variant("w4a16-gptq", "w4a16-damp0.1", "GPTQ dampening 0.1 of the mean Hessian diagonal (not 0.01)", damp=0.1)
+_variant("w4a16", "w4a16-rtn-clip", "no AWQ scales", smoothing=None)
+_variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8))
+_variant("w4a8kv4", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False)
+_variant("w4a8kv4", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None)
+_variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False)
+_variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False)
+_variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False)
+_variant("w4a4kv4-rot", "w4a4kv4-rot-perchannel-no-actorder",
+         "per-channel weights and per-token activations (QuaRot's default), no act-order",
+         weight=_QS(bits=4, granularity="channel"), activation=_QS(bits=4, granularity="channel", clip=0.9),
+         act_order=False)
 
 
 def lookup(name: str):
@@ -136,7 +136,10 @@ def _load(results_dir: Path) -> dict:
 
 
 def _commit(r: dict) -> str:
-    return r["commit"] if r["commit"] not in ("unknown", "HEAD") else "unrecorded"
+    """The commit measured; a row measured under another name (a variant that later became the
+    recipe, same configuration) says which."""
+    c = r["commit"] if r["commit"] not in ("unknown", "HEAD") else "unrecorded"
+    return c + (f" (as `{r['measured_as']}`)" if "measured_as" in r else "")
 
 
 def _pm(value: float, se: float | None, digits: int) -> str:
@@ -253,6 +256,13 @@ def _parent(variant: str) -> str:
     return VARIANTS[variant].description.split(" with ")[0]
 
 
+def _root(name: str) -> str:
+    """The table row a recipe or variant descends from (a variant may change a variant)."""
+    while name in VARIANTS:
+        name = _parent(name)
+    return name
+
+
 def _has_outcomes(r: dict) -> bool:
     return "tasks" in r and all("outcomes" in m for m in r["tasks"]["tasks"].values())
 
@@ -262,7 +272,7 @@ def _paired_table(res: dict) -> list[str]:
     rows (both sides) that keep per-item outcomes."""
     pairs = []
     for name in [*ROWS, *VARIANTS]:
-        base = f"rtn-{_parent(name) if name in VARIANTS else name}"
+        base = f"rtn-{_root(name)}"
         if name in res and base in res and not name.startswith("rtn-") and _has_outcomes(res[name]) \
                 and _has_outcomes(res[base]):
             pairs.append((name, base))
@@ -279,8 +289,11 @@ def _paired_table(res: dict) -> list[str]:
 
 
 def plot(results_dir: Path, png_dir: Path) -> None:
-    """accuracy-vs-bits.png and perplexity-vs-bits.png (matplotlib, `pip install matplotlib`)."""
-    import matplotlib
+    """accuracy-vs-bits.png and perplexity-vs-bits.png (matplotlib: the `plots` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise LowbitError("--plots needs matplotlib: pip install -e '.[plots]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -336,12 +349,12 @@ def main(argv=None) -> None:
     if args.render:
         try:
             table = render(Path(args.render))
+            if args.markdown:
+                replace_block(Path(args.markdown), table)
+            if args.plots:
+                plot(Path(args.render), Path(args.plots))
         except LowbitError as e:
             raise SystemExit(f"accuracy_table: {e}") from None
-        if args.markdown:
-            replace_block(Path(args.markdown), table)
-        if args.plots:
-            plot(Path(args.render), Path(args.plots))
         print(table)
     else:
         measure(args)

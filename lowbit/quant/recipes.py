@@ -118,8 +118,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5),
     Recipe("fp8", "fp8 e4m3 per-channel weights and per-token activations",
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
-    Recipe("w4a16", "GPTQ: int4 g128 asymmetric weights, act-order (static groups), clip search, 16-bit activations",
-           weight=_w(4, symmetric=False), method="gptq", clip_search=True),
+    Recipe("w4a16", "AWQ: activation-aware scales, int4 g128 asymmetric weights rounded to nearest with clip "
+           "search, 16-bit activations", weight=_w(4, symmetric=False), smoothing="awq", clip_search=True),
     Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales), int8 per-token activations, "
            "SmoothAttention, 4-bit KV cache",
            weight=_w(4, symmetric=False), activation=_w(8, "channel"), kv=KVSpec(4), progressive=True,
