@@ -435,9 +435,14 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="the 8B model, fewer M, batches and contexts")
     p.add_argument("--out", default="out/bench", help="directory for kernels.json")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
-    p.add_argument("--sweep", action="store_true", help="also time other tile configs (8B model)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time other tile configs (8B model; attention: at 64 x 4k and 1 x 4k, or every --batches shape)")
     p.add_argument("--only", choices=["linear", "attention"], help="time one of the two parts")
     p.add_argument("--ms", type=int, nargs="+", metavar="M", help="the linear part's token counts (default: by --quick)")
+    p.add_argument("--batches", type=int, nargs="+", metavar="B",
+                   help="the decode attention part's batch sizes (default: by --quick)")
+    p.add_argument("--contexts", type=int, nargs="+", metavar="T",
+                   help="the decode attention part's context lengths (default: by --quick)")
     p.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run's kernels.json")
     args = p.parse_args(argv)
     if args.from_json:
@@ -454,8 +459,8 @@ def main(argv=None) -> int:
         return 2
     sel = dict(QUICK if args.quick else dict(models=list(MODELS), ms=MS, batches=BATCHES, contexts=CONTEXTS))
     sel["ms"] = [] if args.only == "attention" else args.ms or sel["ms"]
-    if args.only == "linear":
-        sel["batches"] = []
+    sel["batches"] = [] if args.only == "linear" else args.batches or sel["batches"]
+    sel["contexts"] = args.contexts or sel["contexts"]
     result = dict(env=environment(), quick=args.quick, **sel)
     print(json.dumps(result["env"]), flush=True)
     result["roofs"] = measure_roofs()
@@ -471,7 +476,7 @@ def main(argv=None) -> int:
     for batch in sel["batches"]:
         for ctx in sel["contexts"]:
             rows = bench_attention("llama3-8b", batch, ctx, result["roofs"],
-                                   sweep=args.sweep and (batch, ctx) in ((64, 4096), (1, 4096)))
+                                   sweep=args.sweep and (args.batches is not None or (batch, ctx) in ((64, 4096), (1, 4096))))
             for r in rows:
                 print(json.dumps(r), flush=True)
             result["attention"] += rows
