@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lowbit.kernels import reference, testing  # noqa: E402
-from lowbit.kernels.paged_attention import (kv_cache_write_triton,  # noqa: E402
+from lowbit.kernels.paged_attention import (DecodeConfig, kv_cache_write_triton,  # noqa: E402
                                             paged_decode_attention_triton)
 from lowbit.quant.kv import kv_roundtrip  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
@@ -124,6 +124,15 @@ def test_decode_triton_matches_reference(bits, seq_lens, splits):
     out = paged_decode_attention_triton(*args, scale, splits=splits)
     assert testing.rel_err(out, reference.paged_decode_attention(*args, scale)) < 1e-2
     assert testing.rel_err(out, want) < 1e-2  # fp16 query and probabilities in the MMAs
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("config", [DecodeConfig(block_n=64, num_stages=2), DecodeConfig(maxnreg=128, waves=8)],
+                         ids=["bn64", "maxnreg128"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_configs_the_sweep_times_match_float64(bits, config):
+    args, scale, want = _decode_case(bits, 64, [17, 3, 300], testing.gen(), DEV)
+    assert testing.rel_err(paged_decode_attention_triton(*args, scale, config=config), want) < 1e-2
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")

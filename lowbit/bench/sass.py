@@ -40,14 +40,16 @@ class Preset:
     bytes_per_iter: int  # operand bytes one loop iteration of one program reads
     note: str
     aligned_ints: tuple = ()  # integer arguments that are multiples of 16 at the engine's shapes
+    maxnreg: int | None = None  # the launch's cap on registers per thread
 
 
-def _decode_preset(bits: int) -> Preset:
+def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     """Llama-3-8B's attention (8 KV heads of 128, GQA 4) at the engine's block size 16, the launch
-    `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width)."""
+    `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width),
+    or that launch with a register cap (a config the benchmark's sweep times)."""
     from lowbit.kernels.paged_attention import DecodeConfig
 
-    cfg = DecodeConfig(block_n=64) if bits == 16 else DecodeConfig()
+    cfg = DecodeConfig(block_n=64) if bits == 16 else DecodeConfig(maxnreg=maxnreg)
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
     sz = "*fp32" if bits != 16 else "*bf16"
     types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
@@ -55,12 +57,13 @@ def _decode_preset(bits: int) -> Preset:
                  stride_qh="i32", stride_bt="i32", per_split="i32")
     d = 128
     per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
-    return Preset(f"decode-kv{bits}" if bits != 16 else "decode-bf16",
+    name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
+    return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
                   dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n, SPLITS=4, ASM=True),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
                   f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
-                  ("stride_qb", "stride_qh", "stride_bt", "per_split"))
+                  ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg)
 
 
 def _w4a8_preset(m: int) -> Preset:
@@ -100,7 +103,8 @@ def _w4a16_preset(m: int) -> Preset:
 
 
 def presets() -> dict[str, Preset]:
-    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
+    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
+                                _decode_preset(8, 128),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
 
 
@@ -132,7 +136,8 @@ def compile_sm90(preset: Preset) -> tuple[bytes, int]:
     src = ASTSource(fn, signature, constexprs={(names.index(k),): v for k, v in preset.constexprs.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=preset.num_warps, num_stages=preset.num_stages))
+                              options=dict(num_warps=preset.num_warps, num_stages=preset.num_stages,
+                                           maxnreg=preset.maxnreg))
     return compiled.asm["cubin"], compiled.metadata.shared
 
 
