@@ -66,3 +66,34 @@ def test_error_comparable_to_plain_int4_groups():
 def test_bad_group_size_raises():
     with pytest.raises(LowbitError):
         quantize_progressive(torch.randn(4, 64), group_size=24)
+
+
+def test_clip_search_by_hand():
+    # one group of 16 int8 codes: an outlier 119 whose input is always 0, and 15 codes of 12.
+    # No search: s2 = round(119 / 15) = 8, so 12 -> 16. With the search over the output error (the
+    # outlier costs nothing), ratios 1.0 .. 0.85 give s2 = 8, 8, 7, 7 (12 -> 16 or 14), and 0.8 gives
+    # s2 = round(6.35) = 6, which holds 12 exactly; the outlier clamps to code 15: 90.
+    w = torch.full((1, 16), 12.0)
+    w[0, 0] = 119
+    x = torch.eye(16)[1:]
+    assert widen_progressive(quantize_progressive(w, 16)).tolist() == [[120] + [16] * 15]
+    pw = quantize_progressive(w, 16, x)
+    assert pw.s2.tolist() == [[6]] and pw.z2.tolist() == [[0]]
+    assert widen_progressive(pw).tolist() == [[90] + [12] * 15]
+
+
+@pytest.mark.parametrize("group_size", [128, 64])
+def test_clip_search_lowers_output_error_and_stays_in_int8(group_size):
+    w = heavy_tailed(64, 512)
+    x = torch.randn(256, 512) * torch.rand(512).mul(3).exp()
+    plain, searched = quantize_progressive(w, group_size), quantize_progressive(w, group_size, x)
+    spec = QuantSpec(bits=4, symmetric=False, granularity="group", group_size=group_size)
+    q4 = unpack_int4(searched.codes4, 512, signed=False).int()
+    wide = (q4 - expand_qparams(searched.z2, spec, 512).int()) * expand_qparams(searched.s2, spec, 512).int()
+    assert wide.abs().max() <= 127 and torch.equal(widen_progressive(searched), wide.to(torch.int8))
+    assert torch.equal(searched.s1, plain.s1)  # level 1 is not searched
+
+    def out_err(pw):
+        return ((x @ (dequantize_progressive(pw) - w).T) ** 2).sum()
+
+    assert out_err(searched) < 0.97 * out_err(plain)

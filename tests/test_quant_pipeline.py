@@ -12,7 +12,7 @@ from lowbit.models.loader import load_model
 from lowbit.quant.calibrate import calibration_tokens
 from lowbit.quant.checkpoint import save_checkpoint
 from lowbit.quant.quantize import quantize_model, rotate_model
-from lowbit.quant.recipes import RECIPES, get_recipe
+from lowbit.quant.recipes import RECIPES, KVSpec, Recipe, get_recipe
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,10 @@ def test_bits_never_help_fewer(setup):
         quantize_model(model, get_recipe(name), calib, progress=False)
         results[name] = ppl(model, tokens)
     assert results["rtn-w8a8"] <= results["rtn-w4a16"] <= results["rtn-w4a4kv4"]
+
+
+def test_progressive_weights_take_the_clip_search_not_gptq():
+    spec = RECIPES["w4a8kv4"].weight
+    Recipe("p", weight=spec, progressive=True, clip_search=True, kv=KVSpec(4))
+    with pytest.raises(LowbitError, match="method rtn"):
+        Recipe("p", weight=spec, progressive=True, method="gptq")

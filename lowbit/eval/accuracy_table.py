@@ -60,6 +60,8 @@ _variant("w4a16", "w4a16-rtn-clip", "no AWQ scales", smoothing=None)
 _variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8))
 _variant("w4a8kv4", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False)
 _variant("w4a8kv4", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None)
+_variant("w4a8kv4", "w4a8kv4-clip", "QServe's weight clipping (each level-2 group's clip ratio by its output error)",
+         clip_search=True)
 _variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False)
 _variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False)
 _variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False)

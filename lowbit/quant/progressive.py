@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.quant.formats import QuantSpec, compute_qparams, expand_qparams, quantize, unpack_int4
+from lowbit.quant.rtn import search_clip
 
 LEVEL1_MAX = 119
 """Level-1 codes stay in [-119, 119]: level 2 moves a code by at most half its scale (<= 16 / 2),
@@ -31,13 +32,21 @@ def level2_spec(group_size: int = 128) -> QuantSpec:
     return QuantSpec(bits=4, symmetric=False, granularity="group", group_size=group_size)
 
 
-def quantize_progressive(w: torch.Tensor, group_size: int = 128) -> ProgressiveWeight:
+def quantize_progressive(w: torch.Tensor, group_size: int = 128, x: torch.Tensor | None = None) -> ProgressiveWeight:
+    """With calibration inputs `x [..., K]`, each level-2 group's clip ratio is searched for the least
+    output error (QServe's weight clipping; `rtn.search_clip`), among the ratios whose widened codes
+    stay in [-127, 127]. A row's output error is its level-1 scale squared times that of its int8
+    codes, so the search runs on the codes."""
     w = w.detach().float()
     level1 = QuantSpec(bits=8, granularity="channel")
     s1 = compute_qparams(w, level1)[0] * (level1.qmax / LEVEL1_MAX)
     q8 = quantize(w, level1, s1).codes.float()
     spec = level2_spec(group_size)
-    s2, z2 = compute_qparams(q8, spec, integer_scale=True)
+    if x is None:
+        s2, z2 = compute_qparams(q8, spec, integer_scale=True)
+    else:
+        x = x.detach().reshape(-1, w.shape[-1]).float()
+        _, s2, z2 = search_clip(q8, spec, x.T @ x, integer_scale=True, bound=127)
     qt = quantize(q8, spec, s2, z2)
     return ProgressiveWeight(qt.codes, s1, s2.to(torch.uint8), z2, group_size, tuple(w.shape))
 

@@ -180,7 +180,7 @@ def fake_weight(w: torch.Tensor, recipe: Recipe) -> torch.Tensor:
 def quantize_weight(w: torch.Tensor, recipe: Recipe, k_out: int, hessian=None, samples=None):
     """-> a ProgressiveWeight, or [(start, stop, QTensor)] segments over the input columns."""
     if recipe.progressive:
-        return quantize_progressive(w, recipe.weight.group_size)
+        return quantize_progressive(w, recipe.weight.group_size, None if samples is None else samples.to(w.device))
     specs = segment_specs(recipe, w.shape[1], k_out)
     if recipe.method == "gptq" and hessian is not None:
         _, qts = gptq_quantize(w, hessian, specs, percdamp=recipe.damp, act_order=recipe.act_order,

@@ -64,8 +64,8 @@ class Recipe:
             raise LowbitError(f"recipe {self.name}: progressive needs 4-bit group weights")
         if self.clip_by_output and not (self.clip_search and self.method == "gptq"):
             raise LowbitError(f"recipe {self.name}: clip_by_output is GPTQ's clip search (method gptq, clip_search)")
-        if self.progressive and (self.clip_search or self.method != "rtn"):
-            raise LowbitError(f"recipe {self.name}: progressive weights are rounded to nearest, without clip search")
+        if self.progressive and self.method != "rtn":
+            raise LowbitError(f"recipe {self.name}: progressive weights are rounded to nearest (method rtn)")
 
     @property
     def calibrated(self) -> bool:

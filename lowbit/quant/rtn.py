@@ -31,25 +31,43 @@ def rtn_quantize(
     than no clipping. `gram` `[K, K]` may stand for `x^T x` (GPTQ's Hessian). Returns the chosen
     ratios (shaped like the scales) and the QTensor.
     """
-    if not grid:
-        raise LowbitError("clip search needs at least one ratio")
     if x is not None and gram is not None:
         raise LowbitError("clip search: give calibration inputs or their gram, not both")
     w = w.detach().float()
-    gram = None if gram is None else gram.detach().float()
     if x is not None:
         x = x.detach().reshape(-1, w.shape[-1]).float()
         gram = x.T @ x
-    candidates = [compute_qparams(w, dataclasses.replace(spec, clip=r)) for r in grid]
-    errors = torch.stack([_error(w - fake_quantize(w, spec, s, z), spec, gram) for s, z in candidates])
-    best = errors.argmin(0)
+    ratios, scale, zero = search_clip(w, spec, gram, grid)
+    return ratios, quantize(w, spec, scale, zero)
+
+
+def search_clip(w: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None,
+                grid: tuple[float, ...] = CLIP_GRID, integer_scale: bool = False, bound: float | None = None):
+    """Per block of `spec`, the clip ratio in `grid` whose scale and zero give the least error (of
+    the weight, or of the output under `gram`), as `rtn_quantize` describes. `integer_scale`: the
+    scales are rounded to integers (QServe's level 2); `bound`: a ratio whose dequantized block
+    leaves [-bound, bound] is not a candidate (the first ratio must always be one).
+    -> (ratios, scale, zero), shaped like the scales."""
+    if not grid:
+        raise LowbitError("clip search needs at least one ratio")
+    w = w.detach().float()
+    gram = None if gram is None else gram.detach().float()
+    candidates = [compute_qparams(w, dataclasses.replace(spec, clip=r), integer_scale) for r in grid]
+    errors = []
+    for s, z in candidates:
+        wq = fake_quantize(w, spec, s, z)
+        e = _error(w - wq, spec, gram)
+        if bound is not None:
+            e = torch.where(reduce_blocks(wq.abs(), spec, torch.amax) <= bound, e, torch.inf)
+        errors.append(e)
+    best = torch.stack(errors).argmin(0)
 
     def pick(params):
         return torch.stack(params).gather(0, best.unsqueeze(0)).squeeze(0)
 
     scale = pick([s for s, _ in candidates])
     zero = None if spec.symmetric else pick([z for _, z in candidates])
-    return torch.tensor(grid, device=w.device)[best], quantize(w, spec, scale, zero)
+    return torch.tensor(grid, device=w.device)[best], scale, zero
 
 
 def _error(d: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None) -> torch.Tensor:
