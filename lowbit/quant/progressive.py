@@ -45,8 +45,7 @@ def quantize_progressive(w: torch.Tensor, group_size: int = 128, x: torch.Tensor
     if x is None:
         s2, z2 = compute_qparams(q8, spec, integer_scale=True)
     else:
-        x = x.detach().reshape(-1, w.shape[-1]).float()
-        _, s2, z2 = search_clip(q8, spec, x.T @ x, integer_scale=True, bound=127)
+        _, s2, z2 = search_clip(q8, spec, x, integer_scale=True, bound=127)
     qt = quantize(q8, spec, s2, z2)
     return ProgressiveWeight(qt.codes, s1, s2.to(torch.uint8), z2, group_size, tuple(w.shape))
 

@@ -31,26 +31,26 @@ def rtn_quantize(
     than no clipping. `gram` `[K, K]` may stand for `x^T x` (GPTQ's Hessian). Returns the chosen
     ratios (shaped like the scales) and the QTensor.
     """
+    w = w.detach().float()
+    ratios, scale, zero = search_clip(w, spec, x, grid, gram=gram)
+    return ratios, quantize(w, spec, scale, zero)
+
+
+def search_clip(w: torch.Tensor, spec: QuantSpec, x: torch.Tensor | None = None, grid: tuple[float, ...] = CLIP_GRID,
+                gram: torch.Tensor | None = None, integer_scale: bool = False, bound: float | None = None):
+    """Per block of `spec`, the clip ratio in `grid` whose scale and zero give the least error (of
+    the weight, or of the output under inputs `x` or their `gram`), as `rtn_quantize` describes.
+    `integer_scale`: the scales are rounded to integers (QServe's level 2); `bound`: a ratio whose
+    dequantized block leaves [-bound, bound] is not a candidate (the first ratio must always be one).
+    -> (ratios, scale, zero), shaped like the scales."""
+    if not grid:
+        raise LowbitError("clip search needs at least one ratio")
     if x is not None and gram is not None:
         raise LowbitError("clip search: give calibration inputs or their gram, not both")
     w = w.detach().float()
     if x is not None:
         x = x.detach().reshape(-1, w.shape[-1]).float()
         gram = x.T @ x
-    ratios, scale, zero = search_clip(w, spec, gram, grid)
-    return ratios, quantize(w, spec, scale, zero)
-
-
-def search_clip(w: torch.Tensor, spec: QuantSpec, gram: torch.Tensor | None = None,
-                grid: tuple[float, ...] = CLIP_GRID, integer_scale: bool = False, bound: float | None = None):
-    """Per block of `spec`, the clip ratio in `grid` whose scale and zero give the least error (of
-    the weight, or of the output under `gram`), as `rtn_quantize` describes. `integer_scale`: the
-    scales are rounded to integers (QServe's level 2); `bound`: a ratio whose dequantized block
-    leaves [-bound, bound] is not a candidate (the first ratio must always be one).
-    -> (ratios, scale, zero), shaped like the scales."""
-    if not grid:
-        raise LowbitError("clip search needs at least one ratio")
-    w = w.detach().float()
     gram = None if gram is None else gram.detach().float()
     candidates = [compute_qparams(w, dataclasses.replace(spec, clip=r), integer_scale) for r in grid]
     errors = []
