@@ -47,9 +47,13 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     """Llama-3-8B's attention (8 KV heads of 128, GQA 4) at the engine's block size 16, the launch
     `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width),
     or that launch with a register cap (a config the benchmark's sweep times)."""
-    from lowbit.kernels.paged_attention import DecodeConfig
+    import dataclasses
 
-    cfg = DecodeConfig(block_n=64) if bits == 16 else DecodeConfig(maxnreg=maxnreg)
+    from lowbit.kernels.paged_attention import default_decode_config
+
+    cfg = default_decode_config(bits)
+    if maxnreg is not None:
+        cfg = dataclasses.replace(cfg, maxnreg=maxnreg)
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
     sz = "*fp32" if bits != 16 else "*bf16"
     types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
@@ -104,7 +108,6 @@ def _w4a16_preset(m: int) -> Preset:
 
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
-                                _decode_preset(8, 128),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
 
 

@@ -46,8 +46,8 @@ def _variant(base: str, name: str, note: str, **changes) -> None:
 
 
 _QS = RECIPES["w4a16"].weight.__class__
-_variant("w8a8", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8)
-_variant("w8a8", "w8a8-gptq", "GPTQ int8 weights after SmoothQuant", method="gptq")
+_variant("w8a8", "w8a8-sq-rtn", "RTN weights after SmoothQuant (no GPTQ)", method="rtn")
+_variant("w8a8-sq-rtn", "w8a8-alpha0.8", "SmoothQuant alpha 0.8", alpha=0.8)
 _variant("fp8", "fp8-smooth", "SmoothQuant (alpha 0.5)", smoothing="smoothquant")
 _variant("w4a16", "w4a16-gptq", "GPTQ (act-order, static groups) instead of AWQ scales and RTN", method="gptq",
          smoothing=None)
@@ -57,11 +57,10 @@ _variant("w4a16-gptq", "w4a16-hclip", "each group's clip ratio by its output err
 _variant("w4a16-gptq", "w4a16-no-actorder", "no act-order (groups fitted as GPTQ reaches them)", act_order=False)
 _variant("w4a16-gptq", "w4a16-damp0.1", "GPTQ dampening 0.1 of the mean Hessian diagonal (not 0.01)", damp=0.1)
 _variant("w4a16", "w4a16-rtn-clip", "no AWQ scales", smoothing=None)
-_variant("w4a8kv4", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8))
-_variant("w4a8kv4", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False)
-_variant("w4a8kv4", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None)
-_variant("w4a8kv4", "w4a8kv4-clip", "QServe's weight clipping (each level-2 group's clip ratio by its output error)",
-         clip_search=True)
+_variant("w4a8kv4", "w4a8kv4-noclip", "min/max level-2 group scales (no clip search)", clip_search=False)
+_variant("w4a8kv4-noclip", "w4a8kv8", "an 8-bit KV cache", kv=KVSpec(8))
+_variant("w4a8kv4-noclip", "w4a8kv4-no-smoothattn", "no SmoothAttention", smooth_attention=False)
+_variant("w4a8kv4-noclip", "w4a8kv4-no-awq", "no AWQ scales", smoothing=None)
 _variant("w4a4kv4", "w4a4kv4-no-actorder", "no act-order", act_order=False)
 _variant("w4a4kv4", "w4a4kv8-no-actorder", "an 8-bit KV cache and no act-order", kv=KVSpec(8), act_order=False)
 _variant("w4a4kv4-rot", "w4a4kv4-rot-no-actorder", "no act-order", act_order=False)

@@ -114,16 +114,16 @@ def _w(bits, granularity="group", symmetric=True, clip=1.0, dtype="int"):
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("bf16", "no quantization: the model in its own precision"),
-    Recipe("w8a8", "SmoothQuant: int8 per-channel weights, int8 per-token activations, alpha 0.5",
-           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5),
+    Recipe("w8a8", "SmoothQuant (alpha 0.5) + GPTQ: int8 per-channel weights, int8 per-token activations",
+           weight=_w(8, "channel"), activation=_w(8, "channel"), smoothing="smoothquant", alpha=0.5, method="gptq"),
     Recipe("fp8", "fp8 e4m3 per-channel weights and per-token activations",
            weight=_w(8, "channel", dtype="fp8"), activation=_w(8, "channel", dtype="fp8")),
     Recipe("w4a16", "AWQ: activation-aware scales, int4 g128 asymmetric weights rounded to nearest with clip "
            "search, 16-bit activations", weight=_w(4, symmetric=False), smoothing="awq", clip_search=True),
-    Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales), int8 per-token activations, "
-           "SmoothAttention, 4-bit KV cache",
+    Recipe("w4a8kv4", "QServe QoQ: progressive g128 weights (AWQ scales, clip search), int8 per-token "
+           "activations, SmoothAttention, 4-bit KV cache",
            weight=_w(4, symmetric=False), activation=_w(8, "channel"), kv=KVSpec(4), progressive=True,
-           smoothing="awq", smooth_attention=True),
+           smoothing="awq", smooth_attention=True, clip_search=True),
     Recipe("w4a4kv4", "Atom: 128 int8 outlier channels, int4 g128 weights (GPTQ, clip 0.85) and "
            "activations (clip 0.9), 4-bit KV cache",
            weight=_w(4, clip=0.85), activation=_w(4, clip=0.9), kv=KVSpec(4), method="gptq", outliers=128),
