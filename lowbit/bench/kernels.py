@@ -262,7 +262,8 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                 "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
-        for cfg in (DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(block_n=64, num_stages=4, waves=8),
+        # the defaults differ per width (default_decode_config): DecodeConfig() is KV8 without its register cap
+        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(block_n=64, num_stages=4, waves=8),
                     DecodeConfig(num_warps=8), DecodeConfig(block_n=256, num_warps=8), DecodeConfig(num_stages=2),
                     DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8)):
             for bits in (8, 4):

@@ -43,10 +43,13 @@ class DecodeConfig:
     # registers can fit more programs on an SM (KV8 at 128: 3 instead of 2, no spills in the SASS)
 
 
+# per cache width: 16-bit tiles are 2-4x larger (half the tokens per step); KV8 capped at 128
+# registers runs 3 programs per SM instead of 2, 15% faster at batch 2048 on the H200 (KV4 gains nothing)
+_DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(maxnreg=128), 4: DecodeConfig()}
+
+
 def default_decode_config(bits: int) -> DecodeConfig:
-    """16-bit tiles are 2-4x larger (half the tokens per step); KV8 capped at 128 registers runs
-    3 programs per SM instead of 2, 15% faster at batch 2048 on the H200 (KV4 gains nothing)."""
-    return {16: DecodeConfig(block_n=64), 8: DecodeConfig(maxnreg=128)}.get(bits, DecodeConfig())
+    return _DEFAULT_DECODE[bits]
 
 
 def kv_bits(cache: torch.Tensor, head_dim: int) -> int:
