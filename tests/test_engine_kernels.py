@@ -117,7 +117,11 @@ def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
 def test_decode_buckets():
     assert decode_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert decode_buckets(20) == [1, 2, 4, 8, 16, 24] and decode_buckets(1) == [1] and decode_buckets(3) == [1, 2, 4]
-    assert decode_buckets(2048)[-3:] == [496, 504, 512]  # larger decode batches run eagerly
+    big = decode_buckets(2048)
+    assert big[33:37] == [248, 256, 272, 288] and big[-3:] == [1920, 1984, 2048]
+    assert all(b - a <= max(8, a // 8) for a, b in zip(big, big[1:]))  # at most 1/8 padding past 8
+    assert decode_buckets(600)[-3:] == [512, 576, 640]
+    assert decode_buckets(10**6)[-1] == model_runner.MAX_GRAPH_BATCH  # larger decode batches run eagerly
 
 
 def _prompts(g, n, longest=29, vocab=1024):

@@ -4,7 +4,9 @@ Runs one offline workload on random weights (as `e2e` does) with the GPU synchro
 phase of every step, and prints per step kind (decode-only through the CUDA graph, or mixed/prefill
 through the eager forward) the mean milliseconds spent scheduling, building the batch on the host,
 in the forward (GPU included), sampling, and updating requests; then torch.profiler's top kernels
-over a few steps of each kind. The synchronization costs a little overlap, so these are shares of a
+over a few steps of each kind, the host functions (cProfile) of a few unsynchronized steps, and
+every operation that made the host wait for the GPU inside one step of each kind (torch's sync
+debug mode: a step should have exactly one, the read-back of its tokens). The synchronization costs a little overlap, so these are shares of a
 step, not a throughput figure (that is `e2e`'s job). The loop runs synchronously (no asynchronous
 scheduling), so the host phases are the costs that asynchronous scheduling overlaps with the device.
 """
@@ -30,8 +32,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--time-limit-s", type=float, default=60.0, help="stop the timed run after this long")
     p.add_argument("--trace-steps", type=int, default=3, help="steps of each kind under torch.profiler")
+    p.add_argument("--host-steps", type=int, default=5, help="unsynchronized steps under cProfile, after the timed run")
     p.add_argument("--device", default="cuda")
     return p
+
+
+def host_profile(step, steps: int, top: int = 25) -> str:
+    """cProfile of `steps` calls of `step`: the `top` functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def host_waits(step) -> list[str]:
+    """Where `step` made the host wait for the device: one line per synchronizing call, its
+    innermost frames in our code (torch's sync debug mode warns on each)."""
+    import traceback
+    import warnings
+
+    import torch
+
+    found = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "lowbit" in f.filename][-3:]
+        found.append(f"{str(message).splitlines()[0][:60]} at " + " <- ".join(
+            f"{f.filename.split('lowbit/')[-1]}:{f.lineno} {f.name}" for f in reversed(frames)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        shown, warnings.showwarning = warnings.showwarning, record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    return found
 
 
 class StepTimer:
@@ -137,6 +183,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         with timer.phase("update"):
             engine.step()
+    timer.enabled = False  # the phases' syncs would be counted as waits
+    if prof and engine.has_unfinished_requests():
+        waits = host_waits(engine.step)
+        print(f"\n## host waits for the GPU in one step after the timed run: {len(waits)}")
+        print("\n".join(f"- {w}" for w in waits))
+        print(f"\n## host functions over the {a.host_steps} unsynchronized steps after it (cProfile)\n")
+        print(host_profile(engine.step, a.host_steps))
+        submit(8, a.input_len, a.output_len, 3)  # new prompts beside the running decodes: a mixed step
+        waits = host_waits(engine.step)
+        print(f"\n## host waits for the GPU in one mixed step: {len(waits)}")
+        print("\n".join(f"- {w}" for w in waits))
     for rid in list(engine.requests):
         engine.abort_request(rid)
     # "update" held the whole step: take the nested phases out of it, and the sampling out of forward
