@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def submit(num, input_len, output_len, seed):
         for prompt, n in random_requests(num, input_len, output_len, 0.0, vocab, seed):
-            engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True))
+            engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True),
+                               stream=False)  # as `throughput` does: outputs only when finished
 
     submit(min(a.max_num_seqs, 256), 24, 8, 1)  # warm-up: compiles kernels, captures the graphs it meets
     while engine.has_unfinished_requests():
