@@ -66,7 +66,7 @@ def test_which_cache_serves_which_format():
     for spec, d in ((KVSpec(4, group_size=16), D), (KVSpec(8, fp8=True), D), (KVSpec(4), 16), (KVSpec(8), 96)):
         assert kv_cache_class(spec, d) is QuantizedPagedKVCache
     bf16, fp32 = (PagedKVCache(2, BS, HKV, D, dt, "cpu") for dt in (torch.bfloat16, torch.float32))
-    assert bf16.decode_kernel and not fp32.decode_kernel  # fp32 keeps the torch path
+    assert bf16.paged_kernels and not fp32.paged_kernels  # fp32 keeps the torch path
 
 
 def _host_batch(steps, tables):
@@ -93,7 +93,7 @@ def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
     hq, n_blocks = 4, 16
     attn = Attention(hq, HKV, D)
     attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
-    assert attn.kv_cache.decode_kernel
+    assert attn.kv_cache.paged_kernels
     perm = torch.randperm(n_blocks, generator=g).tolist()
     tables = [perm[4 * i:4 * i + 4] for i in range(4)]
     cached, new = [9, 8, 0, 15], [1, 5, 6, 1]  # decode, chunk over context, fresh prompt, decode

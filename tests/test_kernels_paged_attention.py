@@ -19,14 +19,7 @@ QBOUND = {8: 1.5e-2, 4: 0.2}  # asymmetric per (token, head) quantization error,
 
 
 def _empty_cache(n_blocks, d, bits, g):
-    """Caches filled with random bytes (values), so a slot that is not written is noticed.
-    16 bits: bf16 values, no scales and zeros."""
-    if bits == 16:
-        return [testing.randn((n_blocks, BS, HKV, d), g) for _ in range(2)] + [None, None]
-    dc = d // 2 if bits == 4 else d
-    codes = [testing.randint(0, 255, (n_blocks, BS, HKV, dc), g, torch.uint8) for _ in range(2)]
-    sz = [testing.randscale((n_blocks, BS, HKV, 2), g, 1.0) for _ in range(2)]
-    return codes + sz
+    return testing.random_kv_cache(n_blocks, BS, HKV, d, bits, g)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -84,14 +77,9 @@ def _check_cache_write(bits, d, sign):
 def _decode_case(bits, d, seq_lens, g, device="cpu"):
     """A cache of random codes, block tables of shuffled blocks with -1 holes past each end."""
     b = len(seq_lens)
-    max_blocks = max(-(-n // BS) for n in seq_lens) + 1
-    n_blocks = b * max_blocks + 2
+    n_blocks = sum(-(-n // BS) for n in seq_lens) + 2
     caches = _empty_cache(n_blocks, d, bits, g)
-    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
-    tables = torch.full((b, max_blocks), -1, dtype=torch.int32)
-    for i, n in enumerate(seq_lens):
-        used = -(-n // BS)
-        tables[i, :used] = perm[i * max_blocks:i * max_blocks + used]
+    tables = testing.random_block_tables(seq_lens, BS, n_blocks, g)
     q = testing.randn((b, HQ, d), g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = d ** -0.5

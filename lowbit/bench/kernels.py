@@ -23,6 +23,7 @@ MODELS = {"llama3-8b": dict(hidden=4096, q=4096, kv=1024, mlp=14336, heads=32, k
 MS = [1, 16, 64, 256, 1024, 4096]
 BATCHES, CONTEXTS = [1, 32, 64, 128], [1024, 4096, 16384]
 QUICK = dict(models=["llama3-8b"], ms=[1, 16, 64, 4096], batches=[1, 64], contexts=[1024, 4096])
+PREFILLS = [(16, 1024), (4, 4096)]  # (prompts, tokens each): one batched prefill step's attention
 ROTATE_BYTES = 256 << 20  # weights / caches in rotation per timed call, a few times L2
 PAGE = 16
 
@@ -283,6 +284,65 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     return rows
 
 
+def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int):
+    """A run() of our prefill attention: `seqs` fresh prompts of `q_len` tokens over a random paged cache."""
+    from lowbit.kernels import testing
+    from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    dev = torch.device("cuda")
+    g = testing.gen(0, "cuda")
+    blocks = seqs * q_len // PAGE
+    if bits == 16:
+        k, v = (torch.randn(blocks, PAGE, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        sz = [None, None]
+    else:
+        dc = d // 2 if bits == 4 else d
+        k, v = (testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2))
+        sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
+    tables = torch.randperm(blocks, device=dev).to(torch.int32).view(seqs, q_len // PAGE)
+    lens = torch.full((seqs,), q_len, dtype=torch.int32, device=dev)
+    cu = torch.arange(0, (seqs + 1) * q_len, q_len, dtype=torch.int32, device=dev)
+    listed = torch.arange(seqs, dtype=torch.int32, device=dev)
+    q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    return lambda: paged_prefill_attention_triton(q, k, v, *sz, tables, lens, cu, listed, q_len, d ** -0.5, out)
+
+
+def sdpa_prefill_case(model: str, seqs: int, q_len: int):
+    """A run() of torch SDPA in bf16, causal, over contiguous K/V (its flash / cuDNN kernels; GQA native)."""
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    dev = torch.device("cuda")
+    q = torch.randn(seqs, hq, q_len, d, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(seqs, hkv, q_len, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5,
+                                                                    enable_gqa=True)
+
+
+def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict) -> list[dict]:
+    """Causal attention of a prefill step: TFLOP/s of the causal half, over the bf16 MMA peak."""
+    m = MODELS[model]
+    flop = 4 * seqs * m["heads"] * m["head_dim"] * q_len * (q_len + 1) / 2
+    builders = {"SDPA bf16": lambda: sdpa_prefill_case(model, seqs, q_len),
+                **{f"{'bf16' if b == 16 else f'KV{b}'} paged": lambda b=b: paged_prefill_case(model, seqs, q_len, b)
+                   for b in (16, 8, 4)}}
+    rows = []
+    for name, build in builders.items():
+        try:
+            fn = build()
+            ms = bench_ms(fn)
+        except Exception as e:  # a peer this torch build does not run
+            rows.append(dict(model=model, seqs=seqs, q_len=q_len, method=name, error=f"{type(e).__name__}: {e}"[:200]))
+            continue
+        finally:
+            fn = None
+            torch.cuda.empty_cache()
+        rows.append(dict(model=model, seqs=seqs, q_len=q_len, method=name, us=ms * 1e3, TFLOPs=flop / ms / 1e9,
+                         roof_pct=100 * flop / ms / 1e9 / roofs["bf16_TFLOPs"]))
+    return rows
+
+
 # --- instructions ----------------------------------------------------------------------------------
 
 def mma_instructions() -> list[dict]:
@@ -401,6 +461,18 @@ def tables(result: dict, markdown: bool) -> str:
                      _fmt(rs["KV4 paged"]["roof_pct"], 0)])
     out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
             table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA", "KV4 %copy BW"], body)]
+    pre = result.get("prefill", [])
+    body = []
+    for seqs, q_len in sorted({(r["seqs"], r["q_len"]) for r in pre}):
+        rs = {r["method"]: r for r in pre if (r["seqs"], r["q_len"]) == (seqs, q_len) and "us" in r}
+        names = ("SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged")
+        body.append([str(seqs), str(q_len)] +
+                    [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['roof_pct'], 0)}%)" if n in rs else "-" for n in names] +
+                    [_fmt(_ratio(pre, dict(seqs=seqs, q_len=q_len), n, "SDPA bf16"), 2) for n in names[1:]])
+    if body:
+        out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak)",
+                table(["prompts", "tokens", "SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged", "bf16/SDPA",
+                       "KV8/SDPA", "KV4/SDPA"], body)]
     swept = [r for r in lin + att if " [" in r["method"] and "us" in r]
     if swept:
         best = {}
@@ -438,7 +510,7 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     p.add_argument("--sweep", action="store_true",
                    help="also time other tile configs (8B model; attention: at 64 x 4k and 1 x 4k, or every --batches shape)")
-    p.add_argument("--only", choices=["linear", "attention"], help="time one of the two parts")
+    p.add_argument("--only", choices=["linear", "attention", "prefill"], help="time one of the parts")
     p.add_argument("--ms", type=int, nargs="+", metavar="M", help="the linear part's token counts (default: by --quick)")
     p.add_argument("--batches", type=int, nargs="+", metavar="B",
                    help="the decode attention part's batch sizes (default: by --quick)")
@@ -462,6 +534,9 @@ def main(argv=None) -> int:
     sel["ms"] = [] if args.only == "attention" else args.ms or sel["ms"]
     sel["batches"] = [] if args.only == "linear" else args.batches or sel["batches"]
     sel["contexts"] = args.contexts or sel["contexts"]
+    sel["prefills"] = PREFILLS if args.only in (None, "prefill") else []
+    if args.only == "prefill":
+        sel["ms"] = sel["batches"] = []
     result = dict(env=environment(), quick=args.quick, **sel)
     print(json.dumps(result["env"]), flush=True)
     result["roofs"] = measure_roofs()
@@ -481,6 +556,12 @@ def main(argv=None) -> int:
             for r in rows:
                 print(json.dumps(r), flush=True)
             result["attention"] += rows
+    result["prefill"] = []
+    for seqs, q_len in sel["prefills"]:
+        rows = bench_prefill("llama3-8b", seqs, q_len, result["roofs"])
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        result["prefill"] += rows
     result["mma_instructions"] = mma_instructions()
     result["targets"] = targets(result)
     os.makedirs(args.out, exist_ok=True)

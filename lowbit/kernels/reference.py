@@ -133,22 +133,37 @@ def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> t
     return (q.float() - sz[..., 1:]) * sz[..., :1]
 
 
+def cached_kv(k_cache, v_cache, k_sz, v_sz, block_table, n: int, head_dim: int):
+    """A sequence's first `n` cache positions (block table `[max_blocks]`) -> fp32 K, V `[n, n_kv_heads, head_dim]`."""
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    t = torch.arange(n, device=k_cache.device)
+    slots = block_table[t // bs].long() * bs + t % bs
+    return tuple(kv_dequant(c.view(-1, hkv, c.shape[-1])[slots], None if sz is None else sz.view(-1, hkv, 2)[slots],
+                            head_dim) for c, sz in ((k_cache, k_sz), (v_cache, v_sz)))
+
+
 def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
                            max_seq_len=None) -> torch.Tensor:
     b, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
-
-    def rows(cache, sz, slots):
-        return kv_dequant(cache.view(-1, hkv, cache.shape[-1])[slots],
-                          None if sz is None else sz.view(-1, hkv, 2)[slots], d)
-
     for i in range(b):
-        n = int(seq_lens[i])
-        t = torch.arange(n, device=q.device)
-        slots = block_tables[i, t // bs].long() * bs + t % bs
-        k = rows(k_cache, k_sz, slots).repeat_interleave(hq // hkv, dim=1)  # [n, hq, d]
-        v = rows(v_cache, v_sz, slots).repeat_interleave(hq // hkv, dim=1)
+        k, v = (x.repeat_interleave(hq // k_cache.shape[2], dim=1)  # [n, hq, d]
+                for x in cached_kv(k_cache, v_cache, k_sz, v_sz, block_tables[i], int(seq_lens[i]), d))
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
         out[i] = torch.einsum("hn,nhd->hd", p, v)
+    return out
+
+
+def paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, cu_seqlens_q, seqs, scale,
+                            out) -> torch.Tensor:
+    hq, d = q.shape[1], q.shape[2]
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    for i in seqs.tolist():
+        a, e, n = cu[i], cu[i + 1], lens[i]
+        k, v = (x.repeat_interleave(hq // k_cache.shape[2], dim=1)
+                for x in cached_kv(k_cache, v_cache, k_sz, v_sz, block_tables[i], n, d))
+        scores = torch.einsum("qhd,nhd->hqn", q[a:e].float(), k) * scale
+        pos = torch.arange(n - (e - a), n, device=q.device)  # the new tokens' cache positions
+        scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > pos[:, None], float("-inf"))
+        out[a:e] = torch.einsum("hqn,nhd->qhd", torch.softmax(scores, dim=-1), v).to(out.dtype)
     return out

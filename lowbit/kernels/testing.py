@@ -93,6 +93,30 @@ def randn(shape, g: torch.Generator, dtype=torch.bfloat16, device="cpu") -> torc
     return torch.randn(shape, generator=g, device=g.device).to(dtype).to(device)
 
 
+def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, bits: int, g: torch.Generator):
+    """[k, v, k_sz, v_sz] of `paged_attention`'s layout filled with random bytes (so a slot that is
+    not written is noticed): codes and fp32 (scale, zero) pairs, or bf16 values and None (16 bits)."""
+    shape = (n_blocks, block_size, n_kv_heads)
+    if bits == 16:
+        return [randn((*shape, head_dim), g) for _ in range(2)] + [None, None]
+    width = head_dim // 2 if bits == 4 else head_dim
+    return ([randint(0, 255, (*shape, width), g, torch.uint8) for _ in range(2)]
+            + [randscale((*shape, 2), g, 1.0) for _ in range(2)])
+
+
+def random_block_tables(seq_lens: list[int], block_size: int, n_blocks: int, g: torch.Generator) -> torch.Tensor:
+    """int32 `[B, max blocks + 1]`: distinct shuffled blocks for each sequence, -1 past its end."""
+    width = max(common.cdiv(n, block_size) for n in seq_lens) + 1
+    perm = torch.randperm(n_blocks, generator=g).to(torch.int32)
+    tables = torch.full((len(seq_lens), width), -1, dtype=torch.int32)
+    taken = 0
+    for i, n in enumerate(seq_lens):
+        used = common.cdiv(n, block_size)
+        tables[i, :used] = perm[taken:taken + used]
+        taken += used
+    return tables
+
+
 def progressive_weight(n: int, k: int, g: torch.Generator, group: int = 128, device="cpu"):
     """Random canonical QServe progressive weight: (q4 uint8 [n, k], s1, s2, z2 uint8 [n, groups]);
     s2 <= 8 keeps |(q4 - z2) * s2| <= 120."""

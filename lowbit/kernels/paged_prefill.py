@@ -1,0 +1,147 @@
+"""Prefill attention over the paged KV cache: the new tokens of several sequences (fresh prompts
+and chunks over a cached context alike) attend causally to everything the cache holds for them,
+in one launch, reading the cache's codes (int8 / int4 per (token, head)) or 16-bit values where
+they lie: no gather of the context, no padding, no GQA repeat.
+
+The cache format and the in-register dequantization are `paged_attention.py`'s (codes enter fp16
+MMAs as `1024 + c`, scale and zero folded out per key). One program per (tile of new tokens, kv
+head, sequence): its rows are the tile's tokens times the kv head's query heads (GQA padded to a
+power of two), so each K/V tile read serves all of them. The new tokens of sequence s are flat
+rows `cu_seqlens_q[s] .. cu_seqlens_q[s + 1]`, the last of its `seq_lens[s]` cache positions, and
+query token i attends to positions `<= seq_lens[s] - q_len + i`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowbit.kernels import reference
+from lowbit.kernels.common import cdiv, tl, triton, use_triton
+from lowbit.kernels.paged_attention import _codes_fp16, kv_bits
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int = 128  # rows per program: new tokens x (padded) query heads of one kv head
+    block_n: int = 64  # cache positions per step
+    num_warps: int = 8
+    num_stages: int = 2
+
+
+def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, cu_seqlens_q, seqs,
+                                   max_q_len, scale, out, config: PrefillConfig | None = None):
+    cfg = config or PrefillConfig()
+    _, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    gp = triton.next_power_of_2(hq // hkv)
+    bmt = max(1, cfg.block_m // gp)  # new tokens per program
+    grid = (cdiv(max_q_len, bmt), hkv, seqs.numel())
+    _paged_prefill_kernel[grid](
+        q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, cu_seqlens_q, seqs, out, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        HKV=hkv, GQ=hq // hkv, GP=gp, D=d, BS=bs, BITS=kv_bits(k_cache, d), BMT=bmt, BN=cfg.block_n,
+        ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sz: torch.Tensor | None,
+                            v_sz: torch.Tensor | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
+                            out: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the new tokens of the sequences `seqs` (int32 `[S]`, indices into the
+    batch) over the cache, written into their rows of `out` `[T, n_heads, head_dim]` (others kept).
+
+    q `[T, n_heads, head_dim]`: the flat batch's queries; cu_seqlens_q int32 `[B + 1]`; seq_lens
+    int32 `[B]` (cache positions after this step, new tokens included, already written);
+    block_tables int32 `[B, max_blocks]`; max_q_len bounds the listed sequences' new tokens.
+    """
+    if use_triton(q):
+        return paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
+                                              cu_seqlens_q, seqs, max_q_len, scale, out)
+    return reference.paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
+                                             cu_seqlens_q, seqs, scale, out)
+
+
+@triton.jit
+def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, cu_ptr, seqs_ptr, o_ptr,
+                          sm_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+                          HKV: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                          BS: tl.constexpr, BITS: tl.constexpr, BMT: tl.constexpr, BN: tl.constexpr,
+                          ASM: tl.constexpr):
+    kvh = tl.program_id(1)
+    s = tl.load(seqs_ptr + tl.program_id(2))
+    q0 = tl.load(cu_ptr + s)
+    q_len = tl.load(cu_ptr + s + 1) - q0
+    ctx = tl.load(sl_ptr + s)
+    t0 = tl.program_id(0) * BMT
+    DC: tl.constexpr = D // 2 if BITS == 4 else D  # cache elements per (token, head)
+    STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
+    BM: tl.constexpr = BMT * GP
+    r = tl.arange(0, BM)
+    tok = t0 + r // GP
+    g = r % GP
+    row_ok = (tok < q_len) & (g < GQ)
+    pos = ctx - q_len + tok  # each row's cache position: it sees positions <= pos
+    offs_c = tl.arange(0, DC)
+    q_rows = q_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_qt + (kvh * GQ + g[:, None]) * stride_qh
+    if BITS == 16:
+        qa = tl.load(q_rows + offs_c[None, :], mask=row_ok[:, None], other=0.0).to(kc_ptr.dtype.element_ty)
+    else:  # query planes as in the decode kernel (int4: even dims, and odd dims / 16)
+        qa = tl.load(q_rows + STEP * offs_c[None, :], mask=row_ok[:, None], other=0.0).to(tl.float16)
+        qsum = tl.sum(qa.to(tl.float32), 1)
+        q_1024 = 1024.0 * qsum
+        if BITS == 4:
+            qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=row_ok[:, None], other=0.0) / 16.0).to(tl.float16)
+            qb_sum = tl.sum(qb.to(tl.float32), 1)
+            qsum += 16.0 * qb_sum
+            q_1024 += 1024.0 * qb_sum
+        minus_q1024 = tl.zeros([BM, BN], tl.float32) - q_1024[:, None]
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc_a = tl.zeros([BM, DC], tl.float32)
+    acc_b = tl.zeros([BM, DC], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # log2 units
+    end = tl.where(t0 < q_len, tl.minimum(ctx, ctx - q_len + t0 + BMT), 0)  # causal: the tile's last row
+    for k0 in range(0, end, BN):
+        offs_t = k0 + tl.arange(0, BN)
+        t_ok = offs_t < end
+        blk = tl.load(bt_ptr + s * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
+        krow = (blk * BS + offs_t % BS) * HKV + kvh
+        kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
+        if BITS == 16:
+            scores = tl.dot(qa, tl.trans(kc)) * qk_scale
+        else:
+            k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0) * qk_scale
+            k_zs = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0) * k_s
+            ka, kb = _codes_fp16(kc, BITS, ASM)
+            raw = tl.dot(qa, tl.trans(ka), minus_q1024)
+            if BITS == 4:
+                raw = tl.dot(qb, tl.trans(kb), raw)
+            scores = raw * k_s[None, :] - qsum[:, None] * k_zs[None, :]
+        scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+        vc = tl.load(vc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
+        if BITS == 16:
+            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+        else:
+            v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)
+            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)
+            pv = (p * v_s[None, :]).to(tl.float16)
+            pvf = pv.to(tl.float32)
+            va, vb = _codes_fp16(vc, BITS, ASM, False)
+            corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
+            acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
+            if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
+                corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
+                acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh
+    tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if BITS == 4:
+        tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b / 16.0 * inv_l).to(o_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
