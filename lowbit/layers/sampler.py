@@ -87,8 +87,10 @@ class Sampled:
 
 def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
     """logits: fp32 `[B, vocab]`, one row per sequence -> the tokens (and asked logprobs), on the device."""
-    logits = logits.float().clone()
-    apply_repetition_penalty(logits, seqs)
+    logits = logits.float()
+    if any(s.params.repetition_penalty != 1.0 for s in seqs):
+        logits = logits.clone()  # the penalty edits in place: never the caller's tensor
+        apply_repetition_penalty(logits, seqs)
     greedy = [s.params.greedy for s in seqs]  # decided on the host: no device sync
     tokens = logits.argmax(-1)
     if not all(greedy):
