@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
-from lowbit.kernels.paged_prefill import paged_prefill_attention
 from lowbit.kernels.reference import kv_dequant
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
@@ -18,8 +17,7 @@ class PagedKVCache:
     """Full-precision K/V blocks `[num_blocks, block_size, n_kv_heads, head_dim]`.
 
     `store` writes the new tokens' K/V at their slots; `gather` returns a sequence's K/V in order;
-    with `paged_kernels`, `decode` attends one query token per sequence over the cache and
-    `prefill` the new tokens of several sequences (one launch each).
+    `decode` (when `decode_kernel`) attends one query token per sequence over the cache.
     """
 
     quantized = False
@@ -31,8 +29,8 @@ class PagedKVCache:
         self.k_sz = self.v_sz = None  # scale and zero pairs of a quantized cache
 
     @property
-    def paged_kernels(self) -> bool:
-        """Whether `decode` and `prefill` run: the kernels read 16-bit values (fp32 caches keep the torch path)."""
+    def decode_kernel(self) -> bool:
+        """Whether `decode` runs: the kernel reads 16-bit values (fp32 caches keep the torch path)."""
         return self.dtype in (torch.bfloat16, torch.float16) and supports_head_dim(self.head_dim)
 
     def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -57,12 +55,6 @@ class PagedKVCache:
         """q `[B, n_heads, head_dim]`, one token per sequence -> attention output, one kernel launch."""
         return paged_decode_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
                                       scale, max_seq_len)
-
-    def prefill(self, q: torch.Tensor, ctx, scale: float, out: torch.Tensor) -> torch.Tensor:
-        """The new tokens of the batch's sequences `ctx.prefill_index` attend causally over the cache
-        (their K/V already stored), into their rows of `out`."""
-        return paged_prefill_attention(q, self.k, self.v, self.k_sz, self.v_sz, ctx.block_tables, ctx.seq_lens,
-                                       ctx.cu_seqlens_q, ctx.prefill_index, ctx.max_prefill_len, scale, out)
 
     def slots(self, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
         nb = -(-seq_len // self.block_size)
@@ -90,7 +82,7 @@ class KernelKVCache(PagedKVCache):
         self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float32, device=device) for _ in range(2))
 
     @property
-    def paged_kernels(self) -> bool:
+    def decode_kernel(self) -> bool:
         return True
 
     @staticmethod
@@ -118,7 +110,7 @@ class QuantizedPagedKVCache(PagedKVCache):
         }
 
     @property
-    def paged_kernels(self) -> bool:
+    def decode_kernel(self) -> bool:
         return False
 
     def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -126,7 +126,6 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
 
     fresh = hb.fresh_seqs
     fresh_lens = [hb.cu[i + 1] - hb.cu[i] for i in fresh]
-    prefills = [i for i in range(len(hb.seq_lens)) if hb.cu[i + 1] - hb.cu[i] > 1]
 
     ctx = AttentionContext(
         cu_seqlens_q=tensor(hb.cu, torch.int32),
@@ -142,8 +141,6 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         fresh_rows=tensor([r for i in fresh for r in range(hb.cu[i], hb.cu[i + 1])], torch.long) if fresh else None,
         fresh_lens=fresh_lens,
         fresh_pad=padding_index(fresh_lens, device) if fresh else None,
-        prefill_index=tensor(prefills, torch.int32) if prefills else None,
-        max_prefill_len=max((hb.cu[i + 1] - hb.cu[i] for i in prefills), default=None),
         max_seq_len=max(hb.seq_lens),
     )
     return tensor(hb.ids, torch.long), tensor(hb.positions, torch.long), ctx
@@ -240,7 +237,7 @@ class ModelRunner:
         graphs = False
         if self.device.type == "cuda" and not cfg.enforce_eager:
             self._make_caches(cdiv(cfg.max_model_len, cfg.block_size))  # the least the graphs' buffers address
-            graphs = all(c.paged_kernels for c in self.caches)
+            graphs = all(c.decode_kernel for c in self.caches)
         reserve = self._graph_memory() if graphs else 0
         self.num_blocks = num_kv_blocks(cfg, model_cfg, model, reserve)
         if self.num_blocks * cfg.block_size < cfg.max_model_len:

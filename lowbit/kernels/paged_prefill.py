@@ -9,6 +9,11 @@ head, sequence): its rows are the tile's tokens times the kv head's query heads 
 power of two), so each K/V tile read serves all of them. The new tokens of sequence s are flat
 rows `cu_seqlens_q[s] .. cu_seqlens_q[s + 1]`, the last of its `seq_lens[s]` cache positions, and
 query token i attends to positions `<= seq_lens[s] - q_len + i`.
+
+Not yet behind the engine: on an H200 (`lowbit bench kernels --only prefill`,
+docs/benchmarks.md) it runs at 0.53x torch SDPA over bf16 values and 0.14-0.21x over codes, where
+every query tile's program converts the same K/V tiles again, so the engine keeps dequantizing a
+prompt's K/V once and handing them to SDPA (`layers/attention.py`).
 """
 from __future__ import annotations
 

@@ -2,11 +2,9 @@
 
 The cache object (`engine/kv_cache.py`) owns the storage format: it quantizes on `store` and
 dequantizes on `read` / `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches.
-On a cache the paged kernels read (16-bit values, int8 / int4 per (token, head)), sequences with
-one new token run the decode kernel together and all the others the prefill kernel together, both
-over the cache as it is. On the others (fp32, grouped or fp8 KV: the torch path) fresh prompts
-(nothing cached before them) attend together in one SDPA call over what the cache holds for them,
-and chunks over a cached context one sequence at a time over what the cache hands back.
+Sequences with one new token run the cache's decode kernel together (when it has one); fresh prompts
+(nothing cached before them) attend together in one SDPA call over what the cache holds for them;
+chunks over a cached context attend one sequence at a time over what the cache hands back.
 """
 from __future__ import annotations
 
@@ -76,7 +74,7 @@ class Attention(nn.Module):
             return padded_causal_attention(q, k, v, ctx.fresh_lens, ctx.fresh_pad, self.scale)
         cache = self.kv_cache
         cache.store(k, v, ctx.slot_mapping)
-        decodes = ctx.decode_seqs if cache.paged_kernels else None
+        decodes = ctx.decode_seqs if cache.decode_kernel else None
         if decodes and ctx.decode_only:  # no host data read: CUDA-graph safe
             return cache.decode(q, ctx.block_tables, ctx.seq_lens, self.scale, ctx.max_seq_len)
         out = torch.empty_like(q)
@@ -84,10 +82,6 @@ class Attention(nn.Module):
             rows, seqs = ctx.decode_rows, ctx.decode_index
             out[rows] = cache.decode(q[rows], ctx.block_tables[seqs], ctx.seq_lens[seqs], self.scale,
                                      ctx.max_seq_len)
-        if cache.paged_kernels:  # every other sequence, fresh or a chunk over its cached context: one launch
-            if ctx.prefill_index is not None:
-                cache.prefill(q, ctx, self.scale, out)
-            return out
         if ctx.fresh_seqs:  # nothing cached before them: their own K/V as the cache holds them, one call
             rows = ctx.fresh_rows
             kf, vf = cache.read(ctx.slot_mapping[rows]) if cache.quantized else (k[rows], v[rows])

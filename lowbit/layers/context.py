@@ -30,10 +30,8 @@ class AttentionContext:
     device tensors (None when every sequence decodes). fresh_seqs: the sequences of several new
     tokens with nothing cached before them (every sequence of a cache-less pass), which attend
     together in one call; fresh_rows (int64, device) their token rows (None: all rows, in order),
-    fresh_lens their token counts, fresh_pad their `padding_index`. prefill_index: int32 (device)
-    the sequences that are not decodes, for the prefill kernel (None: none), and max_prefill_len
-    the most new tokens among them. max_seq_len bounds seq_lens (it sets the decode kernel's split:
-    max_model_len under CUDA graphs).
+    fresh_lens their token counts, fresh_pad their `padding_index`. max_seq_len bounds
+    seq_lens (it sets the decode kernel's split: max_model_len under CUDA graphs).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -50,8 +48,6 @@ class AttentionContext:
     fresh_rows: torch.Tensor | None = None
     fresh_lens: list[int] | None = None
     fresh_pad: torch.Tensor | None = None
-    prefill_index: torch.Tensor | None = None
-    max_prefill_len: int | None = None
     max_seq_len: int | None = None
 
     @classmethod
