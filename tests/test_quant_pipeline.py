@@ -145,3 +145,42 @@ def test_progressive_weights_take_the_clip_search_not_gptq():
     Recipe("p", weight=spec, progressive=True, clip_search=True, kv=KVSpec(4))
     with pytest.raises(LowbitError, match="method rtn"):
         Recipe("p", weight=spec, progressive=True, method="gptq")
+
+
+@pytest.mark.parametrize("name,change", [("w8a8", {}), ("w4a8kv4", {}), ("w4a4kv4", {}),
+                                         ("w4a4kv4", {"smoothing": "smoothquant"})],
+                         ids=["smoothquant-gptq", "awq-clip", "atom-reorder", "smoothquant-then-reorder"])
+def test_one_calibration_pass_gives_the_statistics_of_the_inputs_the_weights_see(name, change, setup):
+    """After smoothing and the outlier reorder, the statistics derived from the one pass equal those
+    of the inputs recorded afresh, each as its weight now sees it: gathered by its permutation at
+    run time, or (down_proj) already permuted by gate/up's rows."""
+    import dataclasses
+
+    from lowbit.quant.calibrate import InputStats
+    from lowbit.quant.quantize import GROUPS, calibrate_layer, layer_linears, run_layer
+
+    path, calib, _ = setup
+    model, _, _ = load_model(path)
+    recipe = dataclasses.replace(get_recipe(name), **change)
+    layer = model.model.layers[0]
+    x = model.model.embed_tokens(calib)
+    rec, perms = calibrate_layer(layer, x, recipe, batch_size=2)
+    fresh, hooks = {}, []
+    for n, lin in layer_linears(layer).items():
+        fresh[n] = InputStats(lin.in_features, "cpu", hessian=True, keep_tokens=rec.stats[n].keep_tokens)
+        perm = None if n in GROUPS["down"] else perms.get(n)
+        hooks.append(lin.register_forward_pre_hook(
+            lambda m, a, n=n, perm=perm: fresh[n].add(a[0] if perm is None else a[0][..., perm])))
+    run_layer(layer, x, batch_size=2)
+    for h in hooks:
+        h.remove()
+    if recipe.outliers:
+        assert perms and all(not torch.equal(p, torch.arange(p.numel())) for p in perms.values())
+    for n, st in rec.stats.items():
+        want = fresh[n]
+        torch.testing.assert_close(st.absmax, want.absmax, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(st.mean_square, want.mean_square, rtol=1e-4, atol=1e-6)
+        if st.hessian is not None:
+            torch.testing.assert_close(st.hessian.hessian, want.hessian.hessian, rtol=1e-3, atol=1e-5)
+        if st.kept:
+            torch.testing.assert_close(st.samples, want.samples, rtol=1e-4, atol=1e-5)

@@ -51,6 +51,22 @@ class InputStats:
         if room > 0:
             self.kept.append(x[:: max(1, x.shape[0] // room)][:room].clone())
 
+    def rescale(self, s: torch.Tensor) -> None:
+        """Become the statistics of `x / s` (per channel, s > 0): the inputs once smoothing has divided
+        their producer's channel j by `s_j`. Exact in arithmetic, so no second calibration pass."""
+        s = s.to(self.absmax.device, torch.float32)
+        self.absmax, self.sumsq = self.absmax / s, self.sumsq / s**2
+        if self.hessian is not None:
+            self.hessian.hessian /= s[:, None] * s[None, :]
+        self.kept = [t / s for t in self.kept]
+
+    def permute(self, perm: torch.Tensor) -> None:
+        """Become the statistics of `x[..., perm]` (Atom's channel reorder)."""
+        self.absmax, self.sumsq = self.absmax[perm], self.sumsq[perm]
+        if self.hessian is not None:
+            self.hessian.hessian = self.hessian.hessian[perm][:, perm]
+        self.kept = [t[:, perm] for t in self.kept]
+
     @property
     def mean_square(self) -> torch.Tensor:
         return self.sumsq / max(self.count, 1)

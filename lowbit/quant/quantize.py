@@ -89,14 +89,19 @@ def record(layer, x, batch_size, **kw) -> Recorder:
     return rec
 
 
-def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> None:
-    lins = layer_linears(layer)
+def calibrate_layer(layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> tuple[Recorder, dict[str, torch.Tensor]]:
+    """Smooth and reorder the layer as the recipe says, from one calibration pass over its inputs `x`;
+    -> the statistics of each linear's inputs as its weight now sees them, and the reorder's
+    permutations. Smoothing and the reorder change the recorded statistics as they change the inputs
+    (exactly in arithmetic) instead of recording them again."""
     perms: dict[str, torch.Tensor] = {}
-    need_samples = recipe.smoothing == "awq"
-    rec = record(layer, x, batch_size, keep_tokens=KEEP_TOKENS if need_samples else 0,
+    gptq = recipe.method == "gptq"
+    keep = KEEP_TOKENS if recipe.smoothing == "awq" or (recipe.clip_search and not gptq) else 0
+    rec = record(layer, x, batch_size, hessian=gptq, keep_tokens=keep,
                  outputs=("self_attn.k_proj",) if recipe.smooth_attention else ())
     if recipe.smoothing:
-        smooth_layer(layer, rec, recipe)
+        for name, s in smooth_layer(layer, rec, recipe).items():
+            rec.stats[name].rescale(s)
     if recipe.smooth_attention and not hasattr(layer.self_attn, "q_norm"):  # a k_norm would undo it
         attn = layer.self_attn
         k_absmax = rec.out_absmax["self_attn.k_proj"].view(attn.num_kv_heads, attn.head_dim)
@@ -107,35 +112,41 @@ def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: in
         if qb is not None:
             q.bias.data, k.bias.data = qb, kb
     if recipe.outliers:
-        if recipe.smoothing:  # statistics changed with the weights: measure again
-            rec = record(layer, x, batch_size)
         perms = reorder_layer(layer, rec, recipe)
-    if recipe.method == "gptq" or recipe.clip_search or recipe.smoothing or recipe.smooth_attention:
-        gptq = recipe.method == "gptq"
-        rec = record(layer, x, batch_size, perms=perms, hessian=gptq,
-                     keep_tokens=KEEP_TOKENS if recipe.clip_search and not gptq else 0)
-    for name, lin in lins.items():
+        for name, perm in perms.items():  # x[..., perm]: gathered at run time, or (down_proj) by gate/up's rows
+            rec.stats[name].permute(perm)
+    return rec, perms
+
+
+def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> None:
+    rec, perms = calibrate_layer(layer, x, recipe, batch_size)
+    gptq = recipe.method == "gptq"
+    for name, lin in layer_linears(layer).items():
         k_out = outlier_count(recipe, lin.in_features) if recipe.outliers else 0
         perm = perms.get(name)
         if perm is not None:
             lin.weight.data = permute_input(lin.weight, perm)
         st = rec.stats[name]
         hessian = st.hessian.hessian if st.hessian is not None else None
-        weight = quantize_weight(lin.weight, recipe, k_out, hessian, st.samples if st.kept else None)
+        samples = st.samples if recipe.clip_search and not gptq else None  # AWQ's own samples are not a clip search
+        weight = quantize_weight(lin.weight, recipe, k_out, hessian, samples)
         install(lin, QuantLinearMethod(weight, recipe.activation, k_out,
                                        perm if name not in GROUPS["down"] else None))
 
 
-def smooth_layer(layer, rec: Recorder, recipe: Recipe) -> None:
-    """SmoothQuant (qkv and gate/up from their norms) or AWQ (also down_proj from up_proj)."""
-    attn, mlp = layer.self_attn, layer.mlp
-    pairs = [(layer.input_layernorm.weight, None, [attn.q_proj, attn.k_proj, attn.v_proj], "self_attn.q_proj"),
-             (layer.post_attention_layernorm.weight, None, [mlp.gate_proj, mlp.up_proj], "mlp.gate_proj")]
+def smooth_layer(layer, rec: Recorder, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """SmoothQuant (qkv and gate/up from their norms) or AWQ (also down_proj from up_proj); returns
+    each smoothed linear's scales (its input is now x / s)."""
+    mlp = layer.mlp
+    pairs = [(layer.input_layernorm.weight, None, GROUPS["qkv"]),
+             (layer.post_attention_layernorm.weight, None, GROUPS["gate_up"])]
     if recipe.smoothing == "awq":
-        pairs.append((mlp.up_proj.weight, mlp.up_proj.bias, [mlp.down_proj], "mlp.down_proj"))
-    for producer, bias, consumers, stat_name in pairs:
+        pairs.append((mlp.up_proj.weight, mlp.up_proj.bias, GROUPS["down"]))
+    scales = {}
+    for producer, bias, names in pairs:
+        consumers = [layer.get_submodule(n) for n in names]
         ws = [c.weight for c in consumers]
-        st = rec.stats[stat_name]
+        st = rec.stats[names[0]]
         if recipe.smoothing == "smoothquant":
             s = smooth_scales(st.absmax, ws, recipe.alpha)
         else:
@@ -146,6 +157,8 @@ def smooth_layer(layer, rec: Recorder, recipe: Recipe) -> None:
             bias.data = new_b
         for c, w in zip(consumers, new_ws):
             c.weight.data = w
+        scales.update(dict.fromkeys(names, s))
+    return scales
 
 
 def reorder_layer(layer, rec: Recorder, recipe: Recipe) -> dict[str, torch.Tensor]:
