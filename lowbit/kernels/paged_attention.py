@@ -219,6 +219,37 @@ def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr = T
 
 
 @triton.jit
+def _code_scores(raw_init, qa, qb, qsum, kc, ksz_ptr, row, t_ok, qk_scale, BITS: tl.constexpr, ASM: tl.constexpr):
+    """A tile of key codes -> scores `[rows, tokens]` in log2 units, scale and zero folded out:
+    `s_k (q . (1024 + c) - (1024 + z_k) sum(q))` with the MMA's accumulator starting at `raw_init`
+    (`-1024 sum(q)`); qb is the odd-dims plane (int4; unused for int8)."""
+    k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0) * qk_scale
+    k_zs = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0) * k_s
+    ka, kb = _codes_fp16(kc, BITS, ASM)
+    raw = tl.dot(qa, tl.trans(ka), raw_init)
+    if BITS == 4:
+        raw = tl.dot(qb, tl.trans(kb), raw)
+    return raw * k_s[None, :] - qsum[:, None] * k_zs[None, :]
+
+
+@triton.jit
+def _code_values(p, alpha, acc_a, acc_b, vc, vsz_ptr, row, t_ok, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
+    token and its zero subtracted per row; int4's high plane accumulates 16 (c - z) in acc_b."""
+    v_s = tl.load(vsz_ptr + row * 2, mask=t_ok, other=0.0)
+    v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
+    pv = (p * v_s[None, :]).to(tl.float16)
+    pvf = pv.to(tl.float32)
+    va, vb = _codes_fp16(vc, BITS, ASM, False)
+    corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
+    acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
+    if BITS == 4:
+        corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
+        acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+    return acc_a, acc_b
+
+
+@triton.jit
 def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr,
                          plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
                          HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
@@ -244,6 +275,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         qa = tl.load(q_rows + STEP * offs_c[None, :], mask=h_ok, other=0.0).to(tl.float16)
         qsum = tl.sum(qa.to(tl.float32), 1)
         q_1024 = 1024.0 * qsum  # q . 1024
+        qb = qa  # int8 has one plane
         if BITS == 4:
             qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
             qb_sum = tl.sum(qb.to(tl.float32), 1)
@@ -265,13 +297,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
-            k_s = tl.load(ksz_ptr + row * 2, mask=t_ok, other=0.0) * qk_scale
-            k_zs = tl.load(ksz_ptr + row * 2 + 1, mask=t_ok, other=0.0) * k_s
-            ka, kb = _codes_fp16(kc, BITS, ASM)
-            raw = tl.dot(qa, tl.trans(ka), minus_q1024)
-            if BITS == 4:
-                raw = tl.dot(qb, tl.trans(kb), raw)
-            scores = raw * k_s[None, :] - qsum[:, None] * k_zs[None, :]
+            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, ksz_ptr, row, t_ok, qk_scale, BITS, ASM)
         scores = tl.where(t_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         alpha = tl.math.exp2(m_i - m_new)
@@ -282,16 +308,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         if BITS == 16:
             acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
-            v_s = tl.load(vsz_ptr + row * 2, mask=t_ok, other=0.0)
-            v_z = tl.load(vsz_ptr + row * 2 + 1, mask=t_ok, other=0.0)
-            pv = (p * v_s[None, :]).to(tl.float16)
-            pvf = pv.to(tl.float32)
-            va, vb = _codes_fp16(vc, BITS, ASM, False)
-            corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
-            acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
-            if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
-                corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
-                acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, vsz_ptr, row, t_ok, BITS, ASM)
     has = l_i > 0  # an empty split has no tokens
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
     acc_b = acc_b / 16.0

@@ -23,7 +23,7 @@ import torch
 
 from lowbit.kernels import reference
 from lowbit.kernels.common import cdiv, tl, triton, use_triton
-from lowbit.kernels.paged_attention import _codes_fp16, kv_bits
+from lowbit.kernels.paged_attention import _code_scores, _code_values, kv_bits
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         qa = tl.load(q_rows + STEP * offs_c[None, :], mask=row_ok[:, None], other=0.0).to(tl.float16)
         qsum = tl.sum(qa.to(tl.float32), 1)
         q_1024 = 1024.0 * qsum
+        qb = qa  # int8 has one plane
         if BITS == 4:
             qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=row_ok[:, None], other=0.0) / 16.0).to(tl.float16)
             qb_sum = tl.sum(qb.to(tl.float32), 1)
@@ -117,13 +118,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
-            k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0) * qk_scale
-            k_zs = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0) * k_s
-            ka, kb = _codes_fp16(kc, BITS, ASM)
-            raw = tl.dot(qa, tl.trans(ka), minus_q1024)
-            if BITS == 4:
-                raw = tl.dot(qb, tl.trans(kb), raw)
-            scores = raw * k_s[None, :] - qsum[:, None] * k_zs[None, :]
+            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, ksz_ptr, krow, t_ok, qk_scale, BITS, ASM)
         scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
         alpha = tl.math.exp2(m_i - m_new)
@@ -134,16 +129,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         if BITS == 16:
             acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
-            v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)
-            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)
-            pv = (p * v_s[None, :]).to(tl.float16)
-            pvf = pv.to(tl.float32)
-            va, vb = _codes_fp16(vc, BITS, ASM, False)
-            corr = tl.sum(pvf * (v_z + 1024.0)[None, :], 1)[:, None]
-            acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
-            if BITS == 4:  # this plane holds 16 (c - z): divided by 16 at the end
-                corr = tl.sum(pvf * (16.0 * v_z + 1024.0)[None, :], 1)[:, None]
-                acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, vsz_ptr, krow, t_ok, BITS, ASM)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh
     tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
