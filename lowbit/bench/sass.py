@@ -70,6 +70,27 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
                   ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg)
 
 
+def _prefill_preset(bits: int) -> Preset:
+    """The prefill attention kernel at Llama-3-8B's heads as `paged_prefill_attention` launches it
+    (its default PrefillConfig)."""
+    from lowbit.kernels.paged_prefill import PrefillConfig
+
+    cfg = PrefillConfig()
+    cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
+    sz = "*fp32" if bits != 16 else "*bf16"
+    types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
+                 cu_ptr="*i32", seqs_ptr="*i32", o_ptr="*bf16", sm_scale="fp32", stride_qt="i32", stride_qh="i32",
+                 stride_ot="i32", stride_oh="i32", stride_bt="i32")
+    d, gq = 128, 4
+    per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))
+    return Preset("prefill-" + (f"kv{bits}" if bits != 16 else "bf16"),
+                  "lowbit.kernels.paged_prefill:_paged_prefill_kernel", types,
+                  dict(HKV=8, GQ=gq, GP=gq, D=d, BS=16, BITS=bits, BMT=cfg.block_m // gq, BN=cfg.block_n, ASM=True),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
+                  f"paged prefill attention, {bits}-bit cache, {cfg.block_m} rows x {cfg.block_n} tokens per iteration",
+                  ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt"))
+
+
 def _w4a8_preset(m: int) -> Preset:
     """The W4A8 GEMM at Llama-3-8B's gate_up (N 28672, K 4096) as `w4a8_gemm` launches it for M
     tokens (its default config; two K-splits, which only changes the epilogue)."""
@@ -108,6 +129,7 @@ def _w4a16_preset(m: int) -> Preset:
 
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
+                                _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
 
 
