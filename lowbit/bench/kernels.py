@@ -284,7 +284,7 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     return rows
 
 
-def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int):
+def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int, cfg=None):
     """A run() of our prefill attention: `seqs` fresh prompts of `q_len` tokens over a random paged cache."""
     from lowbit.kernels import testing
     from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
@@ -306,7 +306,8 @@ def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     listed = torch.arange(seqs, dtype=torch.int32, device=dev)
     q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    return lambda: paged_prefill_attention_triton(q, k, v, *sz, tables, lens, cu, listed, q_len, d ** -0.5, out)
+    return lambda: paged_prefill_attention_triton(q, k, v, *sz, tables, lens, cu, listed, q_len, d ** -0.5, out,
+                                                  config=cfg)
 
 
 def sdpa_prefill_case(model: str, seqs: int, q_len: int):
@@ -352,8 +353,9 @@ def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     return run
 
 
-def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict) -> list[dict]:
+def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict, sweep: bool = False) -> list[dict]:
     """Causal attention of a prefill step: TFLOP/s of the causal half, over the bf16 MMA peak."""
+    from lowbit.kernels.paged_prefill import PrefillConfig
     m = MODELS[model]
     flop = 4 * seqs * m["heads"] * m["head_dim"] * q_len * (q_len + 1) / 2
     builders = {"SDPA bf16": lambda: sdpa_prefill_case(model, seqs, q_len),
@@ -361,6 +363,12 @@ def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict) -> list[dict]:
                    for b in (16, 8, 4)},
                 **{f"{'bf16' if b == 16 else f'KV{b}'} engine": lambda b=b: engine_prefill_case(model, seqs, q_len, b)
                    for b in (16, 4)}}
+    if sweep:  # fewer rows per program spill less over codes (lowbit bench sass); more warps, stages
+        for cfg in (PrefillConfig(block_m=64), PrefillConfig(block_m=64, num_warps=4), PrefillConfig(block_n=32),
+                    PrefillConfig(num_stages=3), PrefillConfig(block_m=64, block_n=128, num_warps=4)):
+            for bits in (16, 4):
+                builders[f"{'bf16' if bits == 16 else f'KV{bits}'} paged [{_label(cfg)}]"] = \
+                    lambda bits=bits, cfg=cfg: paged_prefill_case(model, seqs, q_len, bits, cfg)
     rows = []
     for name, build in builders.items():
         try:
@@ -508,17 +516,20 @@ def tables(result: dict, markdown: bool) -> str:
         out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak); "
                 "engine: today's path in the layer (read back, dequantize, pad, SDPA)",
                 table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine"], body)]
-    swept = [r for r in lin + att if " [" in r["method"] and "us" in r]
+    def shape(r):
+        return r["m"] if "m" in r else (r["batch"], r["ctx"]) if "batch" in r else (r["seqs"], r["q_len"])
+
+    timed = [r for r in lin + att + pre if "us" in r]
+    swept = [r for r in timed if " [" in r["method"]]
     if swept:
         best = {}
         for r in swept:
-            key = (r["method"].split(" [")[0], r.get("m", (r.get("batch"), r.get("ctx"))))
+            key = (r["method"].split(" [")[0], shape(r))
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
-        defaults = {(r["method"], r.get("m", (r.get("batch"), r.get("ctx")))): r["us"]
-                    for r in lin + att if " [" not in r["method"] and "us" in r}
-        out += ["", "Sweep: fastest config per method and M (or batch, ctx), beside the default's time",
-                table(["method", "M / (batch, ctx)", "default us", "us", "config"],
+        defaults = {(r["method"], shape(r)): r["us"] for r in timed if " [" not in r["method"]}
+        out += ["", "Sweep: fastest config per method and M (or batch, ctx; or prompts, tokens), beside the default's time",
+                table(["method", "M / (batch, ctx) / (prompts, tokens)", "default us", "us", "config"],
                       [[k[0], str(k[1]), _fmt(defaults.get(k)), _fmt(r["us"]),
                         (_short if k[0] == "W4A8 g128" else str)(r["method"].split(" [")[1].rstrip("]"))]
                        for k, r in sorted(best.items(), key=str)])]
@@ -544,7 +555,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="out/bench", help="directory for kernels.json")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     p.add_argument("--sweep", action="store_true",
-                   help="also time other tile configs (8B model; attention: at 64 x 4k and 1 x 4k, or every --batches shape)")
+                   help="also time other tile configs (8B model; attention: at 64 x 4k and 1 x 4k, or every --batches shape; "
+                        "prefill: every shape)")
     p.add_argument("--only", choices=["linear", "attention", "prefill"], help="time one of the parts")
     p.add_argument("--ms", type=int, nargs="+", metavar="M", help="the linear part's token counts (default: by --quick)")
     p.add_argument("--batches", type=int, nargs="+", metavar="B",
@@ -593,7 +605,7 @@ def main(argv=None) -> int:
             result["attention"] += rows
     result["prefill"] = []
     for seqs, q_len in sel["prefills"]:
-        rows = bench_prefill("llama3-8b", seqs, q_len, result["roofs"])
+        rows = bench_prefill("llama3-8b", seqs, q_len, result["roofs"], sweep=args.sweep)
         for r in rows:
             print(json.dumps(r), flush=True)
         result["prefill"] += rows
