@@ -155,4 +155,4 @@ def test_table_names_rows_measured_on_another_device(tmp_path):
         r["device"] = device
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     head = render(tmp_path).splitlines()[0]
-    assert "Device: NVIDIA H200;" not in head and "measured elsewhere: `rtn-w4a16` on x86_64 (2026-01-01)" in head
+    assert "Device: NVIDIA H200; date 2026-01-01 (measured elsewhere: `rtn-w4a16` on x86_64 (2026-01-01));" in head
