@@ -224,22 +224,24 @@ def bench_layer(model: str, m: int, roofs: dict, sweep: bool) -> list[dict]:
 
 # --- attention ------------------------------------------------------------------------------------
 
+def random_paged_cache(model: str, seqs: int, tokens: int, bits: int):
+    """`model`'s heads, a random `bits`-bit paged cache of `tokens` positions for each of `seqs`
+    sequences, and int32 block tables over its pages in random order -> (hq, hkv, d, [k, v, k_sz, v_sz], tables)."""
+    from lowbit.kernels import testing
+    m = MODELS[model]
+    blocks = seqs * tokens // PAGE
+    cache = testing.random_kv_cache(blocks, PAGE, m["kv_heads"], m["head_dim"], bits, testing.gen(0, "cuda"), "cuda")
+    tables = torch.randperm(blocks, device="cuda").to(torch.int32).view(seqs, tokens // PAGE)
+    return m["heads"], m["kv_heads"], m["head_dim"], cache, tables
+
+
 def paged_decode_case(model: str, batch: int, ctx: int, bits: int, cfg=None):
     """A run() of our decode attention over a random `bits`-bit paged cache, pages in random order."""
-    from lowbit.kernels import testing
     from lowbit.kernels.paged_attention import paged_decode_attention_triton
-    m = MODELS[model]
-    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
-    dev = torch.device("cuda")
-    g = testing.gen(0, "cuda")
-    blocks = batch * ctx // PAGE
-    dc = d // 2 if bits == 4 else d
-    codes = [testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2)]
-    sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
-    tables = torch.randperm(blocks, device=dev).to(torch.int32).view(batch, ctx // PAGE)
-    lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    q = torch.randn(batch, hq, d, device=dev, dtype=torch.bfloat16)
-    return lambda: paged_decode_attention_triton(q, *codes, *sz, tables, lens, scale=d ** -0.5, max_seq_len=ctx,
+    hq, hkv, d, cache, tables = random_paged_cache(model, batch, ctx, bits)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+    return lambda: paged_decode_attention_triton(q, *cache, tables, lens, scale=d ** -0.5, max_seq_len=ctx,
                                                  config=cfg)
 
 
@@ -286,27 +288,15 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
 
 def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int, cfg=None):
     """A run() of our prefill attention: `seqs` fresh prompts of `q_len` tokens over a random paged cache."""
-    from lowbit.kernels import testing
     from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
-    m = MODELS[model]
-    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    hq, hkv, d, cache, tables = random_paged_cache(model, seqs, q_len, bits)
     dev = torch.device("cuda")
-    g = testing.gen(0, "cuda")
-    blocks = seqs * q_len // PAGE
-    if bits == 16:
-        k, v = (torch.randn(blocks, PAGE, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-        sz = [None, None]
-    else:
-        dc = d // 2 if bits == 4 else d
-        k, v = (testing.randint(0, 255, (blocks, PAGE, hkv, dc), g, torch.uint8, dev) for _ in range(2))
-        sz = [testing.randscale((blocks, PAGE, hkv, 2), g, 1.0, dev) for _ in range(2)]
-    tables = torch.randperm(blocks, device=dev).to(torch.int32).view(seqs, q_len // PAGE)
     lens = torch.full((seqs,), q_len, dtype=torch.int32, device=dev)
     cu = torch.arange(0, (seqs + 1) * q_len, q_len, dtype=torch.int32, device=dev)
     listed = torch.arange(seqs, dtype=torch.int32, device=dev)
     q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
     out = torch.empty_like(q)
-    return lambda: paged_prefill_attention_triton(q, k, v, *sz, tables, lens, cu, listed, q_len, d ** -0.5, out,
+    return lambda: paged_prefill_attention_triton(q, *cache, tables, lens, cu, listed, q_len, d ** -0.5, out,
                                                   config=cfg)
 
 
@@ -325,22 +315,16 @@ def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     """A run() of the engine's prefill attention today (`layers/attention.py`'s fresh-prompt path):
     the prompts' K/V read back from the paged cache by slot and dequantized, then padded SDPA."""
     from lowbit.engine.kv_cache import make_kv_cache
-    from lowbit.kernels import testing
     from lowbit.layers.attention import padded_causal_attention
     from lowbit.layers.context import padding_index
     from lowbit.quant.recipes import KVSpec
-    m = MODELS[model]
-    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    hq, hkv, d, parts, tables = random_paged_cache(model, seqs, q_len, bits)
     dev = torch.device("cuda")
-    g = testing.gen(0, "cuda")
-    blocks = seqs * q_len // PAGE
-    cache = make_kv_cache(blocks, PAGE, hkv, d, torch.bfloat16, dev, None if bits == 16 else KVSpec(bits))
-    for t in (cache.k, cache.v):
-        t.copy_(testing.randn(t.shape, g, device=dev) if bits == 16 else testing.randint(0, 255, t.shape, g, torch.uint8, dev))
-    for t in (cache.k_sz, cache.v_sz) if bits != 16 else ():
-        t.copy_(testing.randscale(t.shape, g, 1.0, dev))
-    tables = torch.randperm(blocks, device=dev).view(seqs, q_len // PAGE)
-    slots = (tables[:, :, None] * PAGE + torch.arange(PAGE, device=dev)).reshape(-1)
+    cache = make_kv_cache(tables.numel(), PAGE, hkv, d, torch.bfloat16, dev, None if bits == 16 else KVSpec(bits))
+    for t, r in zip((cache.k, cache.v, cache.k_sz, cache.v_sz), parts):
+        if t is not None:
+            t.copy_(r)
+    slots = (tables[:, :, None].long() * PAGE + torch.arange(PAGE, device=dev)).reshape(-1)
     rows = torch.arange(seqs * q_len, device=dev)
     lens = [q_len] * seqs
     pad = padding_index(lens, dev)

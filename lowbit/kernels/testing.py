@@ -93,15 +93,16 @@ def randn(shape, g: torch.Generator, dtype=torch.bfloat16, device="cpu") -> torc
     return torch.randn(shape, generator=g, device=g.device).to(dtype).to(device)
 
 
-def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, bits: int, g: torch.Generator):
+def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, bits: int, g: torch.Generator,
+                    device="cpu"):
     """[k, v, k_sz, v_sz] of `paged_attention`'s layout filled with random bytes (so a slot that is
     not written is noticed): codes and fp32 (scale, zero) pairs, or bf16 values and None (16 bits)."""
     shape = (n_blocks, block_size, n_kv_heads)
     if bits == 16:
-        return [randn((*shape, head_dim), g) for _ in range(2)] + [None, None]
+        return [randn((*shape, head_dim), g, device=device) for _ in range(2)] + [None, None]
     width = head_dim // 2 if bits == 4 else head_dim
-    return ([randint(0, 255, (*shape, width), g, torch.uint8) for _ in range(2)]
-            + [randscale((*shape, 2), g, 1.0) for _ in range(2)])
+    return ([randint(0, 255, (*shape, width), g, torch.uint8, device) for _ in range(2)]
+            + [randscale((*shape, 2), g, 1.0, device) for _ in range(2)])
 
 
 def random_block_tables(seq_lens: list[int], block_size: int, n_blocks: int, g: torch.Generator) -> torch.Tensor:
