@@ -85,11 +85,7 @@ def _decode_case(bits, d, seq_lens, g, device="cpu"):
     scale = d ** -0.5
     want = torch.empty(b, HQ, d, dtype=torch.float64)
     for i, n in enumerate(seq_lens):
-        t = torch.arange(n)
-        slots = tables[i, t // BS].long() * BS + t % BS
-        k, v = (reference.kv_dequant(c.view(-1, HKV, c.shape[-1])[slots],
-                                     None if sz is None else sz.view(-1, HKV, 2)[slots], d).double()
-                .repeat_interleave(HQ // HKV, dim=1) for c, sz in ((caches[0], caches[2]), (caches[1], caches[3])))
+        k, v = (x.double().repeat_interleave(HQ // HKV, dim=1) for x in reference.cached_kv(*caches, tables[i], n, d))
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * scale, -1)
         want[i] = torch.einsum("hn,nhd->hd", p, v)
     args = [q, *caches, tables, lens]

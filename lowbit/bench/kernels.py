@@ -489,9 +489,9 @@ def tables(result: dict, markdown: bool) -> str:
             table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA", "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []
+    names = ("SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
     for seqs, q_len in sorted({(r["seqs"], r["q_len"]) for r in pre}):
         rs = {r["method"]: r for r in pre if (r["seqs"], r["q_len"]) == (seqs, q_len) and "us" in r}
-        names = ("SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
         body.append([str(seqs), str(q_len)] +
                     [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['roof_pct'], 0)}%)" if n in rs else "-" for n in names] +
                     [_fmt(_ratio(pre, dict(seqs=seqs, q_len=q_len), f"{w} paged", f"{w} engine"), 2)

@@ -71,7 +71,7 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
 
 
 def _prefill_preset(bits: int) -> Preset:
-    """The prefill attention kernel at Llama-3-8B's heads as `paged_prefill_attention` launches it
+    """The prefill attention kernel at Llama-3-8B's heads as `paged_prefill_attention_triton` launches it
     (its default PrefillConfig)."""
     from lowbit.kernels.paged_prefill import PrefillConfig
 

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from lowbit.kernels import reference
-from lowbit.kernels.common import cdiv, tl, triton, use_triton
+from lowbit.kernels.common import cdiv, tl, triton
 from lowbit.kernels.paged_attention import _code_scores, _code_values, kv_bits
 
 
@@ -36,6 +33,14 @@ class PrefillConfig:
 
 def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, cu_seqlens_q, seqs,
                                    max_q_len, scale, out, config: PrefillConfig | None = None):
+    """Causal attention of the new tokens of the sequences `seqs` (int32 `[S]`, indices into the
+    batch) over the cache, written into their rows of `out` `[T, n_heads, head_dim]` (others kept);
+    `reference.paged_prefill_attention` is the same without `max_q_len` and `config`.
+
+    q `[T, n_heads, head_dim]`: the flat batch's queries; cu_seqlens_q int32 `[B + 1]`; seq_lens
+    int32 `[B]` (cache positions after this step, new tokens included, already written);
+    block_tables int32 `[B, max_blocks]`; max_q_len bounds the listed sequences' new tokens.
+    """
     cfg = config or PrefillConfig()
     _, hq, d = q.shape
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -48,24 +53,6 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables
         HKV=hkv, GQ=hq // hkv, GP=gp, D=d, BS=bs, BITS=kv_bits(k_cache, d), BMT=bmt, BN=cfg.block_n,
         ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_sz: torch.Tensor | None,
-                            v_sz: torch.Tensor | None, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                            cu_seqlens_q: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
-                            out: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the new tokens of the sequences `seqs` (int32 `[S]`, indices into the
-    batch) over the cache, written into their rows of `out` `[T, n_heads, head_dim]` (others kept).
-
-    q `[T, n_heads, head_dim]`: the flat batch's queries; cu_seqlens_q int32 `[B + 1]`; seq_lens
-    int32 `[B]` (cache positions after this step, new tokens included, already written);
-    block_tables int32 `[B, max_blocks]`; max_q_len bounds the listed sequences' new tokens.
-    """
-    if use_triton(q):
-        return paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
-                                              cu_seqlens_q, seqs, max_q_len, scale, out)
-    return reference.paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
-                                             cu_seqlens_q, seqs, scale, out)
 
 
 @triton.jit
