@@ -14,7 +14,9 @@ from lowbit.engine.kv_cache import (KernelKVCache, PagedKVCache, QuantizedPagedK
 from lowbit.engine import model_runner  # noqa: E402
 from lowbit.engine.model_runner import HostBatch, StaticDecode, decode_buckets, prepare_inputs  # noqa: E402
 from lowbit.kernels import paged_attention, testing  # noqa: E402
-from lowbit.layers.attention import causal_attention  # noqa: E402
+from lowbit.layers.attention import causal_attention, fresh_attention  # noqa: E402
+from lowbit.layers.context import AttentionContext, row_index  # noqa: E402
+from lowbit.quant.kv import kv_roundtrip  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
 
 DEV = testing.triton_device()
@@ -48,6 +50,27 @@ def test_kernel_cache_matches_the_generic_cache(bits):
     for n in (1, 7, n_blocks * BS):
         for a, b in zip(kernel.gather(table, n), generic.gather(table, n)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("spec", [None, KVSpec(8), KVSpec(4), KVSpec(4, group_size=16), KVSpec(8, fp8=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_echoes_what_the_cache_holds(spec, dtype):
+    """The fresh-prompt path attends over the write's echo instead of reading the cache back: the
+    echo must be what `read` returns for the stored rows, and the same format's values for the rest."""
+    g = testing.gen()
+    n_blocks, t = 6, 20
+    cache = make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
+    k, v = _kv(t, g, dtype)
+    slots = _slots(t, n_blocks, g)
+    held = cache.store(k, v, slots, echo=True)
+    keep = slots >= 0
+    for e, r, x in zip(held, cache.read(slots[keep]), (k, v)):
+        assert e.shape == x.shape and e.dtype == dtype and torch.equal(e[keep], r.to(dtype))
+        if spec is None:
+            assert torch.equal(e, x)
+        else:
+            assert torch.equal(e, kv_roundtrip(x, spec).to(dtype))  # the cache-less path's numbers
+    assert cache.store(k, v, slots) is None
 
 
 @pytest.mark.parametrize("spec", [None, KVSpec(8), KVSpec(4), KVSpec(4, group_size=16), KVSpec(8, fp8=True)])
@@ -259,3 +282,31 @@ def test_causal_attention_aligns_queries_to_the_end_of_the_keys(lq, lk):
             keys, vals = k[: lk - lq + i + 1, h // 2].double(), v[: lk - lq + i + 1, h // 2].double()
             want[i, h] = torch.softmax(0.3 * keys @ q[i, h].double(), 0) @ vals
     assert testing.rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
+def test_fresh_attention_matches_float64(device):
+    """Ragged fresh prompts (GQA 4:2), each attending causally to itself: the padded SDPA path (CPU,
+    fp32) and varlen flash attention (CUDA, bf16), against softmax written out in float64."""
+    g = testing.gen()
+    lens = [int(n) for n in torch.randint(1, 70, (5,), generator=g)] + [1, 64]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t = sum(lens)
+    q, k, v = (testing.randn((t, h, D), g, torch.float32) for h in (4, 2, 2))
+    ctx = AttentionContext.cacheless(lens, device)
+    got = fresh_attention(*(x.to(device, dtype) for x in (q, k, v)), ctx, 0.3).cpu()
+    want = torch.empty(t, 4, D, dtype=torch.float64)
+    start = 0
+    for n in lens:
+        for i in range(n):
+            for h in range(4):
+                keys, vals = k[start:start + i + 1, h // 2].double(), v[start:start + i + 1, h // 2].double()
+                want[start + i, h] = torch.softmax(0.3 * keys @ q[start + i, h].double(), 0) @ vals
+        start += n
+    assert testing.rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_row_index_is_a_slice_for_one_run():
+    assert row_index([(3, 5), (5, 9)], "cpu") == slice(3, 9)
+    assert row_index([(0, 1)], "cpu") == slice(0, 1) and row_index([], "cpu") == slice(0, 0)
+    assert torch.equal(row_index([(0, 2), (4, 5), (5, 6)], "cpu"), torch.tensor([0, 1, 4, 5]))

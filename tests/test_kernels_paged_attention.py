@@ -44,16 +44,18 @@ def _check_cache_write(bits, d, sign):
     slots[[3, 11]] = -1
     caches = _empty_cache(n_blocks, d, bits, g)
     ref = [None if c is None else c.clone() for c in caches]
-    reference.kv_cache_write(key, value, *ref, slots)
+    echo = reference.kv_cache_write(key, value, *ref, slots, echo=True)
     keep = slots >= 0
-    for x, cache, sz in ((key, ref[0], ref[2]), (value, ref[1], ref[3])):
+    for x, cache, sz, e in ((key, ref[0], ref[2], echo[0]), (value, ref[1], ref[3], echo[1])):
         got = reference.kv_dequant(cache.view(-1, HKV, cache.shape[-1])[slots[keep]],
                                    None if sz is None else sz.view(-1, HKV, 2)[slots[keep]], d)
+        assert e.dtype == x.dtype and torch.equal(e[keep], got.to(x.dtype))  # the echo: what the cache holds
         if bits == 16:
             assert torch.equal(got, x[keep].float())
             continue
         assert testing.rel_err(got, x[keep].double()) < QBOUND[bits]
         assert torch.equal(got, kv_roundtrip(x[keep].float(), KVSpec(bits)))  # the model's KV format
+        assert torch.equal(e, kv_roundtrip(x.float(), KVSpec(bits)).to(x.dtype))  # unstored rows echo too
     untouched = torch.ones(n_blocks * BS, dtype=torch.bool)
     untouched[slots[keep]] = False
     for c, r in zip(caches, ref):
@@ -62,7 +64,13 @@ def _check_cache_write(bits, d, sign):
     if DEV is None:
         return
     out = [None if c is None else c.to(DEV) for c in caches]
-    kv_cache_write_triton(key.to(DEV), value.to(DEV), *out, slots.to(DEV))
+    echo_dev = kv_cache_write_triton(key.to(DEV), value.to(DEV), *out, slots.to(DEV), echo=True)
+    for e, cache, sz in zip(echo_dev, out[:2], out[2:]):  # exactly what this cache now holds
+        held = reference.kv_dequant(cache.view(-1, HKV, cache.shape[-1])[slots[keep].to(DEV)],
+                                    None if sz is None else sz.view(-1, HKV, 2)[slots[keep].to(DEV)], d)
+        assert torch.equal(e[keep.to(DEV)], held.to(e.dtype))
+    for e, r in zip(echo_dev, echo):  # unstored rows too: the reference's, but for a rare tie's one step
+        assert testing.rel_err(e.cpu(), r.double()) < (1e-6 if bits == 16 else QBOUND[bits] / 4)
     if bits == 16:
         assert all(torch.equal(o.cpu(), r) for o, r in zip(out[:2], ref[:2]))
         return

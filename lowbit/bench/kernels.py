@@ -312,28 +312,27 @@ def sdpa_prefill_case(model: str, seqs: int, q_len: int):
 
 
 def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
-    """A run() of the engine's prefill attention today (`layers/attention.py`'s fresh-prompt path):
-    the prompts' K/V read back from the paged cache by slot and dequantized, then padded SDPA."""
+    """A run() of the engine's prefill attention (`layers/attention.py`'s fresh-prompt path): the
+    prompts' K/V written into the paged cache with the write's echo (what the cache now holds, no
+    read-back), then `fresh_attention` over the echo (varlen flash attention on CUDA). The write is
+    in the time: every path pays it, the paged kernel's rows leave it out."""
     from lowbit.engine.kv_cache import make_kv_cache
-    from lowbit.layers.attention import padded_causal_attention
-    from lowbit.layers.context import padding_index
+    from lowbit.layers.attention import fresh_attention
+    from lowbit.layers.context import AttentionContext
     from lowbit.quant.recipes import KVSpec
-    hq, hkv, d, parts, tables = random_paged_cache(model, seqs, q_len, bits)
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     dev = torch.device("cuda")
-    cache = make_kv_cache(tables.numel(), PAGE, hkv, d, torch.bfloat16, dev, None if bits == 16 else KVSpec(bits))
-    for t, r in zip((cache.k, cache.v, cache.k_sz, cache.v_sz), parts):
-        if t is not None:
-            t.copy_(r)
-    slots = (tables[:, :, None].long() * PAGE + torch.arange(PAGE, device=dev)).reshape(-1)
-    rows = torch.arange(seqs * q_len, device=dev)
-    lens = [q_len] * seqs
-    pad = padding_index(lens, dev)
+    blocks = seqs * q_len // PAGE
+    cache = make_kv_cache(blocks, PAGE, hkv, d, torch.bfloat16, dev, None if bits == 16 else KVSpec(bits))
+    slots = (torch.randperm(blocks, device=dev)[:, None] * PAGE + torch.arange(PAGE, device=dev)).reshape(-1)
+    ctx = AttentionContext.cacheless([q_len] * seqs, dev)
     q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
-    out = torch.empty_like(q)
+    k, v = (torch.randn(seqs * q_len, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
 
     def run():
-        kf, vf = cache.read(slots[rows])
-        out[rows] = padded_causal_attention(q[rows], kf.to(q.dtype), vf.to(q.dtype), lens, pad, d ** -0.5)
+        held = cache.store(k, v, slots, echo=True)
+        return fresh_attention(q, *held, ctx, d ** -0.5)
     return run
 
 
@@ -498,7 +497,7 @@ def tables(result: dict, markdown: bool) -> str:
                      for w in ("bf16", "KV4")])
     if body:
         out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak); "
-                "engine: today's path in the layer (read back, dequantize, pad, SDPA)",
+                "engine: the layer's path (cache write with its echo, then varlen flash attention over the echo)",
                 table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine"], body)]
     def shape(r):
         return r["m"] if "m" in r else (r["batch"], r["ctx"]) if "batch" in r else (r["seqs"], r["q_len"])

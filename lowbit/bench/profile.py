@@ -18,6 +18,18 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 PHASES = ("schedule", "host_batch", "forward", "sample", "update")
+# caching-allocator events that reach the driver: a cudaMalloc, a cudaFree (which synchronizes the
+# device), a retry after freeing cached blocks; none of them shows in the sync debug mode
+ALLOC_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def allocator_counts(device) -> dict[str, int]:
+    import torch
+
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOC_COUNTS}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,11 +98,13 @@ class StepTimer:
     def __init__(self, device):
         import torch
 
+        self.device = device
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.steps: dict[str, int] = defaultdict(int)
         self.kind = "?"
         self.enabled = True
+        self.alloc: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     @contextmanager
     def phase(self, name: str):
@@ -111,6 +125,18 @@ class StepTimer:
                 return fn(*a, **k)
 
         setattr(obj, attr, timed)
+
+    def count_allocs(self, before: dict[str, int], after: dict[str, int]) -> None:
+        """Add the allocator's device-level events between two `allocator_counts` to this step kind."""
+        for key in ALLOC_COUNTS:
+            self.alloc[self.kind][key] += after.get(key, 0) - before.get(key, 0)
+
+    def alloc_table(self) -> str:
+        lines = ["| step kind | " + " | ".join(f"{k} / step" for k in ALLOC_COUNTS) + " |",
+                 "| --- |" + " --- |" * len(ALLOC_COUNTS)]
+        for kind, n in sorted(self.steps.items()):
+            lines.append(f"| {kind} | " + " | ".join(f"{self.alloc[kind][k] / n:.2f}" for k in ALLOC_COUNTS) + " |")
+        return "\n".join(lines)
 
     def table(self) -> str:
         lines = ["| step kind | steps | " + " | ".join(f"{p} ms" for p in PHASES) + " | total ms |",
@@ -180,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 engine.step()
             timer.enabled = True
             print(f"\n## kernels, one {batch_kind} step ({1e3 * (time.perf_counter() - t0):.1f} ms wall)")
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
             continue
+        before = allocator_counts(timer.device)
         with timer.phase("update"):
             engine.step()
+        timer.count_allocs(before, allocator_counts(timer.device))
     timer.enabled = False  # the phases' syncs would be counted as waits
     if prof and engine.has_unfinished_requests():
         waits = host_waits(engine.step)
@@ -195,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         waits = host_waits(engine.step)
         print(f"\n## host waits for the GPU in one mixed step: {len(waits)}")
         print("\n".join(f"- {w}" for w in waits))
+        submit(8, a.input_len, a.output_len, 4)
+        print("\n## host functions over one mixed step, synchronized at its end (cProfile)\n")
+        print(host_profile(lambda: (engine.step(), torch.cuda.synchronize()), 1))
     for rid in list(engine.requests):
         engine.abort_request(rid)
     # "update" held the whole step: take the nested phases out of it, and the sampling out of forward
@@ -204,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n## {a.arch} {a.recipe} {a.input_len}/{a.output_len}, {a.num_prompts} prompts, "
           f"max_num_seqs {a.max_num_seqs}: mean ms per step (synchronized)\n")
     print(timer.table())
+    if prof:
+        print("\n## the caching allocator's calls into the driver, mean per step\n")
+        print(timer.alloc_table())
     return 0
 
 

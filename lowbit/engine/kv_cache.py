@@ -20,7 +20,6 @@ class PagedKVCache:
     `decode` (when `decode_kernel`) attends one query token per sequence over the cache.
     """
 
-    quantized = False
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
@@ -33,8 +32,10 @@ class PagedKVCache:
         """Whether `decode` runs: the kernel reads 16-bit values (fp32 caches keep the torch path)."""
         return self.dtype in (torch.bfloat16, torch.float16) and supports_head_dim(self.head_dim)
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        kv_cache_write(k, v, self.k, self.v, self.k_sz, self.v_sz, slot_mapping)
+    def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, echo: bool = False):
+        """Write the new tokens' K/V `[T, n_kv_heads, head_dim]` at their slots (-1: skip); with
+        `echo`, return every row's K/V as the cache holds them (what `read` would give back)."""
+        return kv_cache_write(k, v, self.k, self.v, self.k_sz, self.v_sz, slot_mapping, echo)
 
     def gather(self, block_table: torch.Tensor, seq_len: int):
         """A sequence's first `seq_len` K/V, in order, as the model dtype."""
@@ -72,7 +73,6 @@ class KernelKVCache(PagedKVCache):
     `[num_blocks, block_size, n_kv_heads, head_dim (or / 2)]`, fp32 (scale, zero) pairs
     `[num_blocks, block_size, n_kv_heads, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
-    quantized = True
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
@@ -97,7 +97,6 @@ class KernelKVCache(PagedKVCache):
 class QuantizedPagedKVCache(PagedKVCache):
     """K/V stored as codes with a scale (and zero) per (token, head) or group, quantized once when written."""
 
-    quantized = True
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.spec, self.dtype = block_size, head_dim, spec, dtype
@@ -113,14 +112,19 @@ class QuantizedPagedKVCache(PagedKVCache):
     def decode_kernel(self) -> bool:
         return False
 
-    def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, echo: bool = False):
         keep = slot_mapping >= 0
         slots = slot_mapping[keep]
+        held = []
         for i, x in enumerate((k, v)):
-            codes, scale, zero = quantize_kv(x[keep], self.spec.bits, self.spec.group_size, self.spec.fp8)
+            codes, scale, zero = quantize_kv(x, self.spec.bits, self.spec.group_size, self.spec.fp8)
             for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
                 if t is not None:
-                    self.parts[name][i].index_copy_(0, slots, t)
+                    self.parts[name][i][slots] = t[keep]  # index_copy_ has no fp8 on the CPU
+            if echo:
+                held.append(dequantize_kv(codes, scale, zero, self.spec.bits, self.spec.group_size,
+                                          self.spec.fp8, self.dtype))
+        return tuple(held) if echo else None
 
     def read(self, slots: torch.Tensor):
         out = []

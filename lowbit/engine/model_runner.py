@@ -19,7 +19,7 @@ from lowbit.engine.scheduler import ScheduledSeq
 from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
 from lowbit.kernels.common import cdiv
-from lowbit.layers.context import AttentionContext, padding_index
+from lowbit.layers.context import AttentionContext, row_index
 from lowbit.layers.sampler import Sampled, TokenLogprob, draw
 from lowbit.layers.transfer import copy_to, to_device
 
@@ -135,12 +135,11 @@ def prepare_inputs(hb: HostBatch, device: torch.device):
         cu_seqlens_q_list=hb.cu,
         seq_lens_list=hb.seq_lens,
         decode_seqs=decodes,
-        decode_index=tensor(decodes, torch.long) if mixed else None,
-        decode_rows=tensor([hb.cu[i] for i in decodes], torch.long) if mixed else None,
+        decode_index=row_index([(i, i + 1) for i in decodes], device) if mixed else None,
+        decode_rows=row_index([(hb.cu[i], hb.cu[i] + 1) for i in decodes], device) if mixed else None,
         fresh_seqs=fresh,
-        fresh_rows=tensor([r for i in fresh for r in range(hb.cu[i], hb.cu[i + 1])], torch.long) if fresh else None,
+        fresh_rows=row_index([(hb.cu[i], hb.cu[i + 1]) for i in fresh], device) if fresh else None,
         fresh_lens=fresh_lens,
-        fresh_pad=padding_index(fresh_lens, device) if fresh else None,
         max_seq_len=max(hb.seq_lens),
     )
     return tensor(hb.ids, torch.long), tensor(hb.positions, torch.long), ctx

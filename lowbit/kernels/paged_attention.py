@@ -64,21 +64,28 @@ def supports_head_dim(head_dim: int) -> bool:
     return 32 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
-def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping):
+def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=False):
     t, hkv, d = key.shape
     bits = kv_bits(k_cache, d)
+    echoed = []
     for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
-        _kv_write_kernel[(t,)](x, cache, sz, slot_mapping, x.stride(0), x.stride(1), HKV=hkv, D=d,
-                               BITS=bits, BH=triton.next_power_of_2(hkv), num_warps=4)
+        out = torch.empty(t, hkv, d, dtype=x.dtype, device=x.device) if echo and bits != 16 else x
+        _kv_write_kernel[(t,)](x, cache, sz, slot_mapping, out, x.stride(0), x.stride(1), HKV=hkv, D=d,
+                               BITS=bits, BH=triton.next_power_of_2(hkv), ECHO=out is not x, num_warps=4)
+        echoed.append(out.to(cache.dtype) if bits == 16 else out)
+    return tuple(echoed) if echo else None
 
 
 def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   k_sz: torch.Tensor | None, v_sz: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+                   k_sz: torch.Tensor | None, v_sz: torch.Tensor | None, slot_mapping: torch.Tensor,
+                   echo: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Quantize key/value `[T, n_kv_heads, head_dim]` into the cache slots `slot_mapping` `[T]`
-    (block * block_size + offset; -1: skip), in place; a 16-bit cache (k_sz, v_sz None) stores them as they are."""
+    (block * block_size + offset; -1: skip), in place; a 16-bit cache (k_sz, v_sz None) stores them as they are.
+    With `echo`, also returns every row's K and V as the cache holds them (dequantized, in key's
+    dtype; a 16-bit cache: in its dtype), so attention over these tokens needs no read-back."""
     if use_triton(key):
-        return kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
-    return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping)
+        return kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo)
+    return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo)
 
 
 def decode_splits(batch: int, n_kv_heads: int, max_seq_len: int, device, waves: int) -> int:
@@ -143,32 +150,43 @@ def _quant_asym(x, lo, hi, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, stride_t, stride_h, HKV: tl.constexpr,
-                     D: tl.constexpr, BITS: tl.constexpr, BH: tl.constexpr):
+def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, stride_h, HKV: tl.constexpr,
+                     D: tl.constexpr, BITS: tl.constexpr, BH: tl.constexpr, ECHO: tl.constexpr):
+    """One token's heads -> their cache slot; with ECHO also `(c - z) * s` (what the cache now
+    holds) into a contiguous `[T, HKV, D]` of x's dtype, for every token (slot -1 too)."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BH)
-    ok = (offs_h[:, None] < HKV) & (slot >= 0)
+    h_ok = offs_h[:, None] < HKV
+    ok = h_ok & (slot >= 0)
     rows = x_ptr + t * stride_t + offs_h[:, None] * stride_h
     dst = slot * HKV + offs_h  # (token, head) row of the cache
+    echo_rows = echo_ptr + (t * HKV + offs_h[:, None]) * D
     if BITS == 16:
         offs_d = tl.arange(0, D)
-        x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0)
+        x = tl.load(rows + offs_d[None, :], mask=h_ok, other=0.0)
         tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], x.to(cache_ptr.dtype.element_ty), mask=ok)
     elif BITS == 8:
         offs_d = tl.arange(0, D)
-        x = tl.load(rows + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(rows + offs_d[None, :], mask=h_ok, other=0.0).to(tl.float32)
         c, s, z = _quant_asym(x, tl.minimum(tl.min(x, 1), 0.0)[:, None], tl.maximum(tl.max(x, 1), 0.0)[:, None], 255.0)
         tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], c, mask=ok)
+        if ECHO:
+            tl.store(echo_rows + offs_d[None, :], ((c.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty), mask=h_ok)
     else:
         offs_d = tl.arange(0, D // 2)
-        x0 = tl.load(rows + 2 * offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-        x1 = tl.load(rows + 2 * offs_d[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
+        x0 = tl.load(rows + 2 * offs_d[None, :], mask=h_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(rows + 2 * offs_d[None, :] + 1, mask=h_ok, other=0.0).to(tl.float32)
         lo = tl.minimum(tl.minimum(tl.min(x0, 1), tl.min(x1, 1)), 0.0)[:, None]  # the range holds 0, as in quant/kv.py
         hi = tl.maximum(tl.maximum(tl.max(x0, 1), tl.max(x1, 1)), 0.0)[:, None]
         c0, s, z = _quant_asym(x0, lo, hi, 15.0)
         c1, _, _ = _quant_asym(x1, lo, hi, 15.0)
         tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], c0 | (c1 << 4), mask=ok)
+        if ECHO:
+            tl.store(echo_rows + 2 * offs_d[None, :], ((c0.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty),
+                     mask=h_ok)
+            tl.store(echo_rows + 2 * offs_d[None, :] + 1,
+                     ((c1.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty), mask=h_ok)
     if BITS != 16:
         h_ok = (offs_h < HKV) & (slot >= 0)
         tl.store(sz_ptr + dst * 2, tl.sum(s, 1), mask=h_ok)

@@ -109,19 +109,24 @@ def quant_per_token(x, out_dtype=torch.int8):
     return _quantize_rows(y, y.abs().amax(-1), out_dtype)
 
 
-def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping) -> None:
+def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=False):
     d = key.shape[-1]
     bits = 4 if k_cache.shape[-1] * 2 == d else 8
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
+    echoed = []
     for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
         rows = cache.view(-1, *cache.shape[2:])
         if sz is None:  # a 16-bit cache: the values themselves
             rows[slots] = x[keep].to(cache.dtype)
+            echoed.append(x.to(cache.dtype))
             continue
-        q, s, z = quantize_kv(x[keep].float(), bits)  # the numerics contract: quant/kv.py
-        rows[slots] = q
-        sz.view(-1, *sz.shape[2:])[slots] = torch.stack((s, z.float()), dim=-1)
+        q, s, z = quantize_kv(x.float(), bits)  # the numerics contract: quant/kv.py
+        qsz = torch.stack((s, z.float()), dim=-1)
+        rows[slots] = q[keep]
+        sz.view(-1, *sz.shape[2:])[slots] = qsz[keep]
+        echoed.append(kv_dequant(q, qsz, d).to(x.dtype))
+    return tuple(echoed) if echo else None
 
 
 def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> torch.Tensor:

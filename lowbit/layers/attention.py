@@ -3,15 +3,23 @@
 The cache object (`engine/kv_cache.py`) owns the storage format: it quantizes on `store` and
 dequantizes on `read` / `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches.
 Sequences with one new token run the cache's decode kernel together (when it has one); fresh prompts
-(nothing cached before them) attend together in one SDPA call over what the cache holds for them;
-chunks over a cached context attend one sequence at a time over what the cache hands back.
+(nothing cached before them) attend together in one call over their K/V as the cache holds them
+(echoed by the write, so nothing is read back): varlen flash attention on CUDA, padded SDPA
+elsewhere; chunks over a cached context attend one sequence at a time over what the cache hands back.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch < 2.10
+    varlen_attn = None
 
 from lowbit.layers.context import AttentionContext
 from lowbit.quant.kv import kv_roundtrip
@@ -55,6 +63,30 @@ def padded_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     return out.transpose(1, 2).reshape(b * n, *q.shape[1:])[pad_index]
 
 
+def _varlen_kwargs() -> dict | None:
+    """Keyword arguments that make `varlen_attn` causal with GQA on this torch (None: unusable).
+    torch 2.10-2.11 take `window_size` and read GQA from the shapes; later ones ask for `enable_gqa`."""
+    params = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
+    if "window_size" not in params:
+        return None
+    return {"window_size": (-1, 0), **({"enable_gqa": True} if "enable_gqa" in params else {})}
+
+
+_VARLEN = _varlen_kwargs()
+
+
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttentionContext,
+                    scale: float) -> torch.Tensor:
+    """The fresh sequences of `ctx` (`fresh_lens` tokens each, back to back in q `[T, Hq, D]` and
+    k, v `[T, Hkv, D]`), each attending causally to itself. On CUDA in 16 bits: flash attention over
+    the packed rows (`varlen_attn`: no padding, GQA in the kernel); elsewhere one padded SDPA call."""
+    if (_VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and k.dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256):
+        n = max(ctx.fresh_lens)
+        return varlen_attn(q, k, v, ctx.fresh_cu, ctx.fresh_cu, n, n, scale=scale, **_VARLEN)
+    return padded_causal_attention(q, k, v, ctx.fresh_lens, ctx.fresh_pad, scale)
+
+
 class Attention(nn.Module):
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
         super().__init__()
@@ -71,12 +103,14 @@ class Attention(nn.Module):
         if not ctx.uses_cache:
             if self.kv_spec is not None:  # what a quantized cache would hand back
                 k, v = kv_roundtrip(k, self.kv_spec), kv_roundtrip(v, self.kv_spec)
-            return padded_causal_attention(q, k, v, ctx.fresh_lens, ctx.fresh_pad, self.scale)
+            return fresh_attention(q, k, v, ctx, self.scale)
         cache = self.kv_cache
-        cache.store(k, v, ctx.slot_mapping)
+        held = cache.store(k, v, ctx.slot_mapping, echo=bool(ctx.fresh_seqs))
         decodes = ctx.decode_seqs if cache.decode_kernel else None
         if decodes and ctx.decode_only:  # no host data read: CUDA-graph safe
             return cache.decode(q, ctx.block_tables, ctx.seq_lens, self.scale, ctx.max_seq_len)
+        if ctx.fresh_seqs and len(ctx.fresh_seqs) == len(cu) - 1:  # fresh prompts only
+            return fresh_attention(q, held[0].to(q.dtype), held[1].to(q.dtype), ctx, self.scale)
         out = torch.empty_like(q)
         if decodes:
             rows, seqs = ctx.decode_rows, ctx.decode_index
@@ -84,9 +118,8 @@ class Attention(nn.Module):
                                      ctx.max_seq_len)
         if ctx.fresh_seqs:  # nothing cached before them: their own K/V as the cache holds them, one call
             rows = ctx.fresh_rows
-            kf, vf = cache.read(ctx.slot_mapping[rows]) if cache.quantized else (k[rows], v[rows])
-            out[rows] = padded_causal_attention(q[rows], kf.to(q.dtype), vf.to(q.dtype), ctx.fresh_lens, ctx.fresh_pad,
-                                                self.scale)
+            out[rows] = fresh_attention(q[rows], held[0][rows].to(q.dtype), held[1][rows].to(q.dtype), ctx,
+                                        self.scale)
         done = set(decodes or ()) | set(ctx.fresh_seqs or ())
         for i in range(len(cu) - 1):
             if i not in done:  # a chunk over cached context (dequantized: the numbers decode sees)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -16,6 +17,20 @@ def padding_index(lens: list[int], device) -> torch.Tensor:
     return to_device([b * n + i for b, m in enumerate(lens) for i in range(m)], torch.long, device)
 
 
+def row_index(spans: list[tuple[int, int]], device) -> slice | torch.Tensor:
+    """The rows of half-open `spans` (in order) as an index: a slice when they are one run (a view,
+    no gather or scatter), else int64 `[n]` on `device`."""
+    runs = []
+    for s, e in spans:
+        if runs and runs[-1][1] == s:
+            runs[-1][1] = e
+        elif e > s:
+            runs.append([s, e])
+    if len(runs) <= 1:
+        return slice(*runs[0]) if runs else slice(0, 0)
+    return to_device([r for s, e in runs for r in range(s, e)], torch.long, device)
+
+
 @dataclass
 class AttentionContext:
     """How the flat token batch splits into sequences, and where their keys/values live.
@@ -26,12 +41,12 @@ class AttentionContext:
     block_tables: int [B, max_blocks], -1 padded. All three cache fields are None for a
     cache-less pass (perplexity, calibration), where each sequence attends to its own tokens.
     decode_seqs: the sequences with exactly one new token (host list), which the decode kernel
-    serves together; decode_index / decode_rows: the same sequences and their token rows as int64
-    device tensors (None when every sequence decodes). fresh_seqs: the sequences of several new
-    tokens with nothing cached before them (every sequence of a cache-less pass), which attend
-    together in one call; fresh_rows (int64, device) their token rows (None: all rows, in order),
-    fresh_lens their token counts, fresh_pad their `padding_index`. max_seq_len bounds
-    seq_lens (it sets the decode kernel's split: max_model_len under CUDA graphs).
+    serves together; decode_index / decode_rows: the same sequences and their token rows (`row_index`:
+    a slice, or int64 on the device; None when every sequence decodes). fresh_seqs: the sequences of
+    several new tokens with nothing cached before them (every sequence of a cache-less pass), which
+    attend together in one call; fresh_rows their token rows (`row_index`; None: all rows, in order),
+    fresh_lens their token counts. max_seq_len bounds seq_lens (it sets the decode kernel's split:
+    max_model_len under CUDA graphs).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -42,13 +57,26 @@ class AttentionContext:
     cu_seqlens_q_list: list[int] | None = None
     seq_lens_list: list[int] | None = None
     decode_seqs: list[int] | None = None
-    decode_index: torch.Tensor | None = None
-    decode_rows: torch.Tensor | None = None
+    decode_index: slice | torch.Tensor | None = None
+    decode_rows: slice | torch.Tensor | None = None
     fresh_seqs: list[int] | None = None
-    fresh_rows: torch.Tensor | None = None
+    fresh_rows: slice | torch.Tensor | None = None
     fresh_lens: list[int] | None = None
-    fresh_pad: torch.Tensor | None = None
     max_seq_len: int | None = None
+
+    # built on the host once per step, on first use, so no layer needs a device sync for them
+    @cached_property
+    def fresh_pad(self) -> torch.Tensor:
+        """`padding_index(fresh_lens)`, for attention over the fresh sequences padded to the longest."""
+        return padding_index(self.fresh_lens, self.cu_seqlens_q.device)
+
+    @cached_property
+    def fresh_cu(self) -> torch.Tensor:
+        """int32 `[len(fresh_seqs) + 1]`: the fresh sequences' offsets within their rows."""
+        cu = [0]
+        for n in self.fresh_lens:
+            cu.append(cu[-1] + n)
+        return to_device(cu, torch.int32, self.cu_seqlens_q.device)
 
     @classmethod
     def cacheless(cls, seq_lens: list[int], device) -> "AttentionContext":
@@ -61,7 +89,6 @@ class AttentionContext:
             seq_lens_list=list(seq_lens),
             fresh_seqs=list(range(len(seq_lens))),
             fresh_lens=list(seq_lens),
-            fresh_pad=padding_index(list(seq_lens), device),
         )
 
     @property
