@@ -105,36 +105,41 @@ def _host_batch(steps, tables):
     return hb
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
 @pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
                                         (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
-def test_mixed_batch_attention_matches_the_torch_path(spec, dtype):
-    """Decodes (one kernel call), a chunk over cached context and a fresh prompt in one batch: each
-    sequence as the torch path computes it over what the cache hands back."""
+def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
+    """Decodes (one kernel call), chunks over cached context (one prefill call) and fresh prompts in
+    one batch: each sequence as the torch path computes it over what the cache hands back, in float64.
+    On CUDA the kernels and flash attention serve them (fp16/bf16 MMAs)."""
     from lowbit.layers.attention import Attention
 
     g = testing.gen()
-    hq, n_blocks = 4, 16
+    hq, n_blocks = 4, 32
     attn = Attention(hq, HKV, D)
-    attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
+    attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, device, spec)
     assert attn.kv_cache.decode_kernel
     perm = torch.randperm(n_blocks, generator=g).tolist()
-    tables = [perm[4 * i:4 * i + 4] for i in range(4)]
-    cached, new = [9, 8, 0, 15], [1, 5, 6, 1]  # decode, chunk over context, fresh prompt, decode
+    tables = [perm[4 * i:4 * i + 4] for i in range(7)]
+    # decode, chunk over context, fresh, fresh, decode, chunk, fresh: decodes, chunks and fresh rows
+    # are not contiguous (index tensors), fresh lengths ragged
+    cached, new = [9, 8, 0, 0, 15, 3, 0], [1, 5, 6, 2, 1, 9, 11]
     first = _host_batch([([0] * c, 0, c) for c in cached if c], [t for t, c in zip(tables, cached) if c])
-    _, _, ctx = prepare_inputs(first, "cpu")
-    attn.kv_cache.store(*_kv(len(first.ids), g, dtype), ctx.slot_mapping)
+    _, _, ctx = prepare_inputs(first, device)
+    attn.kv_cache.store(*(x.to(device) for x in _kv(len(first.ids), g, dtype)), ctx.slot_mapping)
     hb = _host_batch([([0] * (c + n), c, n) for c, n in zip(cached, new)], tables)
-    _, _, ctx = prepare_inputs(hb, "cpu")
-    assert ctx.decode_seqs == [0, 3] and not ctx.decode_only
+    _, _, ctx = prepare_inputs(hb, device)
+    assert ctx.decode_seqs == [0, 4] and ctx.fresh_seqs == [2, 3, 6] and ctx.chunk_seqs == [1, 5]
     t = len(hb.ids)
     q = testing.randn((t, hq, D), g, dtype)
     k, v = _kv(t, g, dtype)
-    out = attn(q, k, v, ctx)
-    for i in range(4):
+    out = attn(*(x.to(device) for x in (q, k, v)), ctx).cpu()
+    exact = dtype == torch.float32 and device == "cpu"
+    for i in range(len(cached)):
         s, e = hb.cu[i], hb.cu[i + 1]
-        ki, vi = attn.kv_cache.gather(torch.tensor(tables[i]), hb.seq_lens[i])
-        want = causal_attention(q[s:e].double(), ki.double(), vi.double(), attn.scale)
-        assert testing.rel_err(out[s:e], want) < (1e-5 if dtype == torch.float32 else 1e-2)
+        ki, vi = attn.kv_cache.gather(torch.tensor(tables[i], device=device), hb.seq_lens[i])
+        want = causal_attention(q[s:e].double(), ki.cpu().double(), vi.cpu().double(), attn.scale)
+        assert testing.rel_err(out[s:e], want) < (1e-5 if exact else 1e-2)
 
 
 def test_decode_buckets():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
+from lowbit.kernels.paged_prefill import paged_prefill_attention
 from lowbit.kernels.reference import kv_dequant
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
@@ -17,7 +18,8 @@ class PagedKVCache:
     """Full-precision K/V blocks `[num_blocks, block_size, n_kv_heads, head_dim]`.
 
     `store` writes the new tokens' K/V at their slots; `gather` returns a sequence's K/V in order;
-    `decode` (when `decode_kernel`) attends one query token per sequence over the cache.
+    `decode` (when `decode_kernel`) attends one query token per sequence over the cache, `prefill`
+    several (chunks over a cached context).
     """
 
 
@@ -56,6 +58,14 @@ class PagedKVCache:
         """q `[B, n_heads, head_dim]`, one token per sequence -> attention output, one kernel launch."""
         return paged_decode_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
                                       scale, max_seq_len)
+
+    def prefill(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
+                out: torch.Tensor) -> None:
+        """The new tokens of the sequences `seqs` (int32, batch indices) attend causally over the
+        cache, into their rows of `out`; one kernel launch (when `decode_kernel`)."""
+        paged_prefill_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens, cu_seqlens_q,
+                                seqs, max_q_len, scale, out)
 
     def slots(self, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
         nb = -(-seq_len // self.block_size)

@@ -71,6 +71,17 @@ class AttentionContext:
         return padding_index(self.fresh_lens, self.cu_seqlens_q.device)
 
     @cached_property
+    def chunk_seqs(self) -> list[int]:
+        """The sequences of several new tokens over a cached context (neither decodes nor fresh)."""
+        done = set(self.decode_seqs or ()) | set(self.fresh_seqs or ())
+        return [i for i in range(len(self.cu_seqlens_q_list) - 1) if i not in done]
+
+    @cached_property
+    def chunk_index(self) -> torch.Tensor:
+        """`chunk_seqs` as int32 on the device."""
+        return to_device(self.chunk_seqs, torch.int32, self.cu_seqlens_q.device)
+
+    @cached_property
     def fresh_cu(self) -> torch.Tensor:
         """int32 `[len(fresh_seqs) + 1]`: the fresh sequences' offsets within their rows."""
         cu = [0]
