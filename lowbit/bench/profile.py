@@ -6,7 +6,9 @@ through the eager forward) the mean milliseconds spent scheduling, building the 
 in the forward (GPU included), sampling, and updating requests; then torch.profiler's top kernels
 over a few steps of each kind, the host functions (cProfile) of a few unsynchronized steps, and
 every operation that made the host wait for the GPU inside one step of each kind (torch's sync
-debug mode: a step should have exactly one, the read-back of its tokens). The synchronization costs a little overlap, so these are shares of a
+debug mode: a step should have exactly one, the read-back of its tokens), the caching allocator's
+calls into the driver per step (a cudaFree synchronizes the device; the sync debug mode does not
+see it) and where they come from. The synchronization costs a little overlap, so these are shares of a
 step, not a throughput figure (that is `e2e`'s job). The loop runs synchronously (no asynchronous
 scheduling), so the host phases are the costs that asynchronous scheduling overlaps with the device.
 """
@@ -90,6 +92,32 @@ def host_waits(step) -> list[str]:
             torch.cuda.set_sync_debug_mode("default")
             warnings.showwarning = shown
     return found
+
+
+def driver_calls(step, steps: int) -> list[str]:
+    """The caching allocator's calls into the driver over `steps` calls of `step`, with torch's
+    allocator history: each segment allocated or freed (cudaMalloc / cudaFree, or an expandable
+    segment's map / unmap), its size and the innermost frames in our code, counted by site."""
+    from collections import Counter
+
+    import torch
+
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+    try:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        snapshot = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    sites = Counter()
+    for trace in snapshot["device_traces"]:
+        for e in trace:
+            if e["action"] in ("segment_alloc", "segment_free", "segment_map", "segment_unmap"):
+                frames = [f for f in e.get("frames", []) if "lowbit" in f["filename"]][:3]
+                where = " <- ".join(f"{f['filename'].split('lowbit/')[-1]}:{f['line']} {f['name']}" for f in frames)
+                sites[f"{e['action']} {e['size'] / 2**20:.0f} MiB at {where or '?'}"] += 1
+    return [f"{n} x {site}" for site, n in sites.most_common()]
 
 
 class StepTimer:
@@ -226,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         submit(8, a.input_len, a.output_len, 4)
         print("\n## host functions over one mixed step, synchronized at its end (cProfile)\n")
         print(host_profile(lambda: (engine.step(), torch.cuda.synchronize()), 1))
+        calls = driver_calls(engine.step, a.host_steps)
+        print(f"\n## the allocator's calls into the driver over the next {a.host_steps} steps: {len(calls)} sites\n")
+        print("\n".join(f"- {c}" for c in calls))
     for rid in list(engine.requests):
         engine.abort_request(rid)
     # "update" held the whole step: take the nested phases out of it, and the sampling out of forward

@@ -1,0 +1,16 @@
+"""bench profile's bookkeeping (the profile itself needs a GPU): per step kind means of the
+allocator's driver calls."""
+import torch
+
+from lowbit.bench.profile import ALLOC_COUNTS, StepTimer
+
+
+def test_allocator_counts_are_means_per_step_kind():
+    timer = StepTimer(torch.device("cpu"))
+    for kind, before, after in (("mixed", 3, 5), ("mixed", 5, 6), ("decode", 6, 6)):
+        timer.kind = kind
+        timer.steps[kind] += 1
+        timer.count_allocs({k: before for k in ALLOC_COUNTS}, {k: after for k in ALLOC_COUNTS})
+    rows = {line.split(" | ")[0].strip("| "): line for line in timer.alloc_table().splitlines()[2:]}
+    assert rows["mixed"].endswith("| 1.50 | 1.50 | 1.50 |")  # (2 + 1) / 2 steps
+    assert rows["decode"].endswith("| 0.00 | 0.00 | 0.00 |")
