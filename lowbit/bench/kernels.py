@@ -311,6 +311,24 @@ def sdpa_prefill_case(model: str, seqs: int, q_len: int):
                                                                     enable_gqa=True)
 
 
+def sdpa_packed_prefill_case(model: str, seqs: int, q_len: int):
+    """A run() of torch SDPA over the engine's packed `[T, heads, head_dim]` rows of prompts of one
+    length, viewed as `[B, heads, L, head_dim]` (no copy in, one out): the candidate for fresh
+    prompts of equal length."""
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    dev = torch.device("cuda")
+    q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
+    k, v = (torch.randn(seqs * q_len, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+
+    def run():
+        qv, kv, vv = (x.view(seqs, q_len, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qv, kv, vv, is_causal=True, scale=d ** -0.5,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2).reshape(seqs * q_len, hq, d)
+    return run
+
+
 def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     """A run() of the engine's prefill attention (`layers/attention.py`'s fresh-prompt path): the
     prompts' K/V written into the paged cache with the write's echo (what the cache now holds, no
@@ -342,6 +360,7 @@ def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict, sweep: bool = 
     m = MODELS[model]
     flop = 4 * seqs * m["heads"] * m["head_dim"] * q_len * (q_len + 1) / 2
     builders = {"SDPA bf16": lambda: sdpa_prefill_case(model, seqs, q_len),
+                "SDPA packed": lambda: sdpa_packed_prefill_case(model, seqs, q_len),
                 **{f"{'bf16' if b == 16 else f'KV{b}'} paged": lambda b=b: paged_prefill_case(model, seqs, q_len, b)
                    for b in (16, 8, 4)},
                 **{f"{'bf16' if b == 16 else f'KV{b}'} engine": lambda b=b: engine_prefill_case(model, seqs, q_len, b)
@@ -488,7 +507,7 @@ def tables(result: dict, markdown: bool) -> str:
             table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA", "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []
-    names = ("SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
+    names = ("SDPA bf16", "SDPA packed", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
     for seqs, q_len in sorted({(r["seqs"], r["q_len"]) for r in pre}):
         rs = {r["method"]: r for r in pre if (r["seqs"], r["q_len"]) == (seqs, q_len) and "us" in r}
         body.append([str(seqs), str(q_len)] +
@@ -497,6 +516,7 @@ def tables(result: dict, markdown: bool) -> str:
                      for w in ("bf16", "KV4")])
     if body:
         out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak); "
+                "SDPA packed: over the engine's [T, H, D] rows viewed per prompt; "
                 "engine: the layer's path (cache write with its echo, then varlen flash attention over the echo)",
                 table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine"], body)]
     def shape(r):
