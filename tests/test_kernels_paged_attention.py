@@ -119,6 +119,19 @@ def test_decode_triton_matches_reference(bits, seq_lens, splits):
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("bits", [8, 4, 16])
+def test_decode_head_major_layout_reads_the_same_cache(bits):
+    """The benchmark's head-major experiment: the same cache transposed to [blocks, heads, tokens, ...]
+    gives the same attention (same tiles in the same order), and float64's."""
+    args, scale, want = _decode_case(bits, 64, [17, 3, 300], testing.gen(), DEV)
+    q, caches, rest = args[0], args[1:5], args[5:]
+    moved = [None if c is None else c.transpose(1, 2).contiguous() for c in caches]
+    got = paged_decode_attention_triton(q, *moved, *rest, scale, splits=2, head_major=True)
+    assert testing.rel_err(got, paged_decode_attention_triton(*args, scale, splits=2)) < 1e-6
+    assert testing.rel_err(got, want) < 1e-2
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
 @pytest.mark.parametrize("config", [DecodeConfig(block_n=64, num_stages=2), DecodeConfig(maxnreg=128, waves=8)],
                          ids=["bn64", "maxnreg128"])
 @pytest.mark.parametrize("bits", [8, 4])

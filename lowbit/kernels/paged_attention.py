@@ -96,9 +96,16 @@ def decode_splits(batch: int, n_kv_heads: int, max_seq_len: int, device, waves: 
 
 
 def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
-                                  max_seq_len=None, splits=None, config: DecodeConfig | None = None):
+                                  max_seq_len=None, splits=None, config: DecodeConfig | None = None,
+                                  head_major: bool = False):
+    """`paged_decode_attention`; `head_major`: the caches (and k_sz, v_sz) are laid out
+    `[num_blocks, n_kv_heads, block_size, ...]`, a (block, kv head)'s tokens contiguous (an
+    experiment of the benchmark: the engine's caches are token-major)."""
     b, hq, d = q.shape
-    _, bs, hkv, _ = k_cache.shape
+    if head_major:
+        _, hkv, bs, _ = k_cache.shape
+    else:
+        _, bs, hkv, _ = k_cache.shape
     bits = kv_bits(k_cache, d)
     gq = hq // hkv
     cfg = config or default_decode_config(bits)
@@ -115,7 +122,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
         q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), per_split,
         HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n,
-        SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+        SPLITS=splits, ASM=q.is_cuda, HEAD_MAJOR=head_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg)
     if splits > 1:
         _merge_splits_kernel[(b, hq)](part_o, part_lse, out, D=d, SPLITS=splits,
                                       SP=triton.next_power_of_2(splits), num_warps=4)
@@ -272,7 +280,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
                          plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
                          HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          BITS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
-                         SPLITS: tl.constexpr, ASM: tl.constexpr):
+                         SPLITS: tl.constexpr, ASM: tl.constexpr, HEAD_MAJOR: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -310,7 +318,10 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         offs_t = t0 + tl.arange(0, BN)
         t_ok = offs_t < end
         blk = tl.load(bt_ptr + b * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
-        row = (blk * BS + offs_t % BS) * HKV + kvh
+        if HEAD_MAJOR:
+            row = (blk * HKV + kvh) * BS + offs_t % BS
+        else:
+            row = (blk * BS + offs_t % BS) * HKV + kvh
         kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
