@@ -87,3 +87,13 @@ def test_hf_batch_sizes_and_the_best_as_the_peer(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.index("batch 1") < table.index("batch 2")
     assert f"| tiny | 16/4 | `w4a8kv4` | 2 |" in table and f"{want:.2f}x" in table
+
+
+def test_table_names_the_allocator_settings_of_its_rows():
+    from pathlib import Path
+
+    saved = Path(__file__).parents[1] / "results/bench/e2e-h200-echo/llama3-8b__w4a8kv4__1024x512.json"
+    row = json.loads(saved.read_text())
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in e2e.render([row])
+    row["env"]["alloc_conf"] = "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True." in e2e.render([row])

@@ -1,5 +1,5 @@
 """bench profile's bookkeeping (the profile itself needs a GPU): per step kind means of the
-allocator's driver calls."""
+allocator's driver calls; the environment beside every figure."""
 import torch
 
 from lowbit.bench.profile import ALLOC_COUNTS, StepTimer
@@ -14,3 +14,12 @@ def test_allocator_counts_are_means_per_step_kind():
     rows = {line.split(" | ")[0].strip("| "): line for line in timer.alloc_table().splitlines()[2:]}
     assert rows["mixed"].endswith("| 1.50 | 1.50 | 1.50 |")  # (2 + 1) / 2 steps
     assert rows["decode"].endswith("| 0.00 | 0.00 | 0.00 |")
+
+
+def test_environment_records_the_allocator_settings(monkeypatch):
+    from lowbit.bench.env import environment
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert "alloc_conf" not in environment("cpu")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert environment("cpu")["alloc_conf"] == "expandable_segments:True"

@@ -226,6 +226,9 @@ def render(rows: list[dict]) -> str:
         "request exactly IN prompt and OUT output tokens; requests = enough to fill the KV cache "
         "(see `seqs_in_cache` in the JSON). Ratios compare output tokens/s in the same workload.",
     ]
+    confs = sorted({r["env"].get("alloc_conf", "default") for r in rows})
+    if confs != ["default"]:
+        lines.append(f"PYTORCH_CUDA_ALLOC_CONF: {', '.join(confs)}.")
     if eng:
         lines.append(f"Our engine: max_num_seqs {eng['max_num_seqs']}, max_num_batched_tokens "
                      f"{eng['max_num_batched_tokens']}, gpu_memory_utilization {eng['gpu_memory_utilization']}, "

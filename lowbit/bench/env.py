@@ -23,6 +23,8 @@ def environment(device: str = "cuda") -> dict:
     env = dict(torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                commit=os.environ.get("LOWBIT_COMMIT", commit))
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # the caching allocator's settings change step times
+        env["alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         return dict(device=props.name, sms=props.multi_processor_count,
