@@ -316,15 +316,21 @@ def sdpa_prefill_case(model: str, seqs: int, q_len: int):
                                                                     enable_gqa=True)
 
 
+def _packed_qkv(model: str, tokens: int):
+    """`model`'s heads and random bf16 q `[tokens, heads, head_dim]`, k, v `[tokens, kv_heads, head_dim]`
+    on CUDA: the engine's flat rows."""
+    m = MODELS[model]
+    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
+    q = torch.randn(tokens, hq, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(tokens, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return hq, hkv, d, q, k, v
+
+
 def sdpa_packed_prefill_case(model: str, seqs: int, q_len: int):
     """A run() of torch SDPA over the engine's packed `[T, heads, head_dim]` rows of prompts of one
     length, viewed as `[B, heads, L, head_dim]` (no copy in, one out): the candidate for fresh
     prompts of equal length."""
-    m = MODELS[model]
-    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
-    dev = torch.device("cuda")
-    q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
-    k, v = (torch.randn(seqs * q_len, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    hq, hkv, d, q, k, v = _packed_qkv(model, seqs * q_len)
 
     def run():
         qv, kv, vv = (x.view(seqs, q_len, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
@@ -343,15 +349,12 @@ def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     from lowbit.layers.attention import fresh_attention
     from lowbit.layers.context import AttentionContext
     from lowbit.quant.recipes import KVSpec
-    m = MODELS[model]
-    hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
-    dev = torch.device("cuda")
+    hq, hkv, d, q, k, v = _packed_qkv(model, seqs * q_len)
+    dev = q.device
     blocks = seqs * q_len // PAGE
     cache = make_kv_cache(blocks, PAGE, hkv, d, torch.bfloat16, dev, None if bits == 16 else KVSpec(bits))
     slots = (torch.randperm(blocks, device=dev)[:, None] * PAGE + torch.arange(PAGE, device=dev)).reshape(-1)
     ctx = AttentionContext.cacheless([q_len] * seqs, dev)
-    q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
-    k, v = (torch.randn(seqs * q_len, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
 
     def run():
         held = cache.store(k, v, slots, echo=True)

@@ -22,7 +22,6 @@ class PagedKVCache:
     several (chunks over a cached context).
     """
 
-
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
@@ -83,7 +82,6 @@ class KernelKVCache(PagedKVCache):
     `[num_blocks, block_size, n_kv_heads, head_dim (or / 2)]`, fp32 (scale, zero) pairs
     `[num_blocks, block_size, n_kv_heads, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
-
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
         shape = (num_blocks, block_size, num_kv_heads)
@@ -106,7 +104,6 @@ class KernelKVCache(PagedKVCache):
 
 class QuantizedPagedKVCache(PagedKVCache):
     """K/V stored as codes with a scale (and zero) per (token, head) or group, quantized once when written."""
-
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.spec, self.dtype = block_size, head_dim, spec, dtype

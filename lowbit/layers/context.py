@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -83,17 +84,15 @@ class AttentionContext:
 
     @cached_property
     def fresh_cu(self) -> torch.Tensor:
-        """int32 `[len(fresh_seqs) + 1]`: the fresh sequences' offsets within their rows."""
-        cu = [0]
-        for n in self.fresh_lens:
-            cu.append(cu[-1] + n)
-        return to_device(cu, torch.int32, self.cu_seqlens_q.device)
+        """int32 `[len(fresh_seqs) + 1]`: the fresh sequences' offsets within their rows
+        (`cu_seqlens_q` itself when every sequence is fresh)."""
+        if len(self.fresh_seqs) == len(self.cu_seqlens_q_list) - 1:
+            return self.cu_seqlens_q
+        return to_device(list(accumulate(self.fresh_lens, initial=0)), torch.int32, self.cu_seqlens_q.device)
 
     @classmethod
     def cacheless(cls, seq_lens: list[int], device) -> "AttentionContext":
-        cu = [0]
-        for n in seq_lens:
-            cu.append(cu[-1] + n)
+        cu = list(accumulate(seq_lens, initial=0))
         return cls(
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             cu_seqlens_q_list=cu,

@@ -89,15 +89,20 @@ def record(layer, x, batch_size, **kw) -> Recorder:
     return rec
 
 
+def clips_on_samples(recipe: Recipe) -> bool:
+    """Whether the weights' clip search scores candidates on kept input samples (GPTQ's own
+    error feedback replaces it)."""
+    return bool(recipe.clip_search) and recipe.method != "gptq"
+
+
 def calibrate_layer(layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> tuple[Recorder, dict[str, torch.Tensor]]:
     """Smooth and reorder the layer as the recipe says, from one calibration pass over its inputs `x`;
     -> the statistics of each linear's inputs as its weight now sees them, and the reorder's
     permutations. Smoothing and the reorder change the recorded statistics as they change the inputs
     (exactly in arithmetic) instead of recording them again."""
     perms: dict[str, torch.Tensor] = {}
-    gptq = recipe.method == "gptq"
-    keep = KEEP_TOKENS if recipe.smoothing == "awq" or (recipe.clip_search and not gptq) else 0
-    rec = record(layer, x, batch_size, hessian=gptq, keep_tokens=keep,
+    keep = KEEP_TOKENS if recipe.smoothing == "awq" or clips_on_samples(recipe) else 0
+    rec = record(layer, x, batch_size, hessian=recipe.method == "gptq", keep_tokens=keep,
                  outputs=("self_attn.k_proj",) if recipe.smooth_attention else ())
     if recipe.smoothing:
         for name, s in smooth_layer(layer, rec, recipe).items():
@@ -120,7 +125,6 @@ def calibrate_layer(layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> 
 
 def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: int) -> None:
     rec, perms = calibrate_layer(layer, x, recipe, batch_size)
-    gptq = recipe.method == "gptq"
     for name, lin in layer_linears(layer).items():
         k_out = outlier_count(recipe, lin.in_features) if recipe.outliers else 0
         perm = perms.get(name)
@@ -128,7 +132,7 @@ def quantize_layer(model, layer, x: torch.Tensor, recipe: Recipe, batch_size: in
             lin.weight.data = permute_input(lin.weight, perm)
         st = rec.stats[name]
         hessian = st.hessian.hessian if st.hessian is not None else None
-        samples = st.samples if recipe.clip_search and not gptq else None  # AWQ's own samples are not a clip search
+        samples = st.samples if clips_on_samples(recipe) else None  # AWQ's own samples are not a clip search
         weight = quantize_weight(lin.weight, recipe, k_out, hessian, samples)
         install(lin, QuantLinearMethod(weight, recipe.activation, k_out,
                                        perm if name not in GROUPS["down"] else None))
