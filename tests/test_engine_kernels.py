@@ -109,16 +109,16 @@ def _host_batch(steps, tables):
 @pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
                                         (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
 def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
-    """Decodes (one kernel call), chunks over cached context (one prefill call) and fresh prompts in
-    one batch: each sequence as the torch path computes it over what the cache hands back, in float64.
-    On CUDA the kernels and flash attention serve them (fp16/bf16 MMAs)."""
+    """Decodes (one kernel call), chunks over cached context (one prefill call on CUDA, one at a time
+    elsewhere) and fresh prompts in one batch: each sequence as the torch path computes it over what
+    the cache hands back, in float64. On CUDA the kernels and flash attention serve them (fp16/bf16 MMAs)."""
     from lowbit.layers.attention import Attention
 
     g = testing.gen()
     hq, n_blocks = 4, 32
     attn = Attention(hq, HKV, D)
     attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, device, spec)
-    assert attn.kv_cache.decode_kernel
+    assert attn.kv_cache.decode_kernel and attn.kv_cache.prefill_kernel == (device == "cuda")
     perm = torch.randperm(n_blocks, generator=g).tolist()
     tables = [perm[4 * i:4 * i + 4] for i in range(7)]
     # decode, chunk over context, fresh, fresh, decode, chunk, fresh: decodes, chunks and fresh rows

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
-from lowbit.kernels.paged_prefill import paged_prefill_attention
+from lowbit.kernels.common import use_triton
+from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
 from lowbit.kernels.reference import kv_dequant
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
@@ -58,13 +59,19 @@ class PagedKVCache:
         return paged_decode_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
                                       scale, max_seq_len)
 
+    @property
+    def prefill_kernel(self) -> bool:
+        """Whether `prefill` runs: the kernel layout on CUDA (elsewhere chunks attend one at a time
+        over `gather`, as over the generic caches, so both give the same numbers)."""
+        return self.decode_kernel and use_triton(self.k)
+
     def prefill(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, seqs: torch.Tensor, max_q_len: int, scale: float,
                 out: torch.Tensor) -> None:
         """The new tokens of the sequences `seqs` (int32, batch indices) attend causally over the
-        cache, into their rows of `out`; one kernel launch (when `decode_kernel`)."""
-        paged_prefill_attention(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens, cu_seqlens_q,
-                                seqs, max_q_len, scale, out)
+        cache, into their rows of `out`; one kernel launch (when `prefill_kernel`)."""
+        paged_prefill_attention_triton(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
+                                       cu_seqlens_q, seqs, max_q_len, scale, out)
 
     def slots(self, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
         nb = -(-seq_len // self.block_size)

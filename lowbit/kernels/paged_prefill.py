@@ -10,8 +10,9 @@ power of two), so each K/V tile read serves all of them. The new tokens of seque
 rows `cu_seqlens_q[s] .. cu_seqlens_q[s + 1]`, the last of its `seq_lens[s]` cache positions, and
 query token i attends to positions `<= seq_lens[s] - q_len + i`.
 
-Behind the engine for chunks over a cached context (`layers/attention.py`): one launch per layer
-for all of them instead of a gather, dequantization and SDPA call per sequence. Fresh prompts take
+Behind the engine on CUDA for chunks over a cached context (`layers/attention.py`): one launch per
+layer for all of them instead of a gather, dequantization and SDPA call per sequence (elsewhere the
+layer keeps that per-sequence path, the numbers the generic caches give). Fresh prompts take
 flash attention over the cache write's echo instead: on an H200 (`lowbit bench kernels --only
 prefill`, docs/benchmarks.md) this kernel runs at 0.53x torch SDPA over bf16 values and 0.14-0.21x
 over codes, where every query tile's program converts the same K/V tiles again.
@@ -20,10 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from lowbit.kernels import reference
-from lowbit.kernels.common import cdiv, tl, triton, use_triton
+from lowbit.kernels.common import cdiv, tl, triton
 from lowbit.kernels.paged_attention import _code_scores, _code_values, kv_bits
 
 
@@ -57,19 +55,6 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables
         HKV=hkv, GQ=hq // hkv, GP=gp, D=d, BS=bs, BITS=kv_bits(k_cache, d), BMT=bmt, BN=cfg.block_n,
         ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
-
-
-def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            k_sz: torch.Tensor | None, v_sz: torch.Tensor | None, block_tables: torch.Tensor,
-                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, seqs: torch.Tensor,
-                            max_q_len: int, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """`paged_prefill_attention_triton`'s contract: the Triton kernel on CUDA, the torch reference
-    (one sequence at a time) elsewhere."""
-    if use_triton(q):
-        return paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
-                                              cu_seqlens_q, seqs, max_q_len, scale, out)
-    return reference.paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens,
-                                             cu_seqlens_q, seqs, scale, out)
 
 
 @triton.jit

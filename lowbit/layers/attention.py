@@ -6,7 +6,7 @@ Sequences with one new token run the cache's decode kernel together (when it has
 (nothing cached before them) attend together in one call over their K/V as the cache holds them
 (echoed by the write, so nothing is read back): varlen flash attention on CUDA, padded SDPA
 elsewhere; chunks over a cached context run the cache's prefill kernel together (the kernel-layout
-caches), or one sequence at a time over what the cache hands back (the others).
+caches on CUDA), or one sequence at a time over what the cache hands back.
 """
 from __future__ import annotations
 
@@ -121,12 +121,12 @@ class Attention(nn.Module):
             rows = ctx.fresh_rows
             out[rows] = fresh_attention(q[rows], held[0][rows].to(q.dtype), held[1][rows].to(q.dtype), ctx,
                                         self.scale)
-        if cache.decode_kernel:  # chunks over cached context: one launch for all of them
+        if cache.prefill_kernel:  # chunks over cached context: one launch for all of them
             if ctx.chunk_seqs:
                 cache.prefill(q, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.chunk_index,
                               max(cu[i + 1] - cu[i] for i in ctx.chunk_seqs), self.scale, out)
             return out
-        done = set(ctx.fresh_seqs or ())
+        done = set(decodes or ()) | set(ctx.fresh_seqs or ())
         for i in range(len(cu) - 1):
             if i not in done:  # one at a time over what the cache hands back (the numbers decode sees)
                 s, e = cu[i], cu[i + 1]
