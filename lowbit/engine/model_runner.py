@@ -20,7 +20,7 @@ from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
 from lowbit.kernels.common import cdiv
 from lowbit.layers.context import AttentionContext, row_index
-from lowbit.layers.sampler import Sampled, TokenLogprob, draw
+from lowbit.layers.sampler import SAMPLE_ROWS, Sampled, TokenLogprob, sample
 from lowbit.layers.transfer import copy_to, to_device
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
@@ -32,7 +32,7 @@ ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, 
 def profile_step_memory(model, cfg: EngineConfig) -> int:
     """Bytes the largest step needs beyond the weights (vLLM's profile run): a cache-less forward of
     `max_num_batched_tokens` tokens in sequences of at most `max_model_len`, then the logits and the
-    sampler's working set (a sort and softmax of fp32 logits) for `max_num_seqs` rows."""
+    sampler's working set (a sort and softmax of fp32 logits) for the rows it draws at once."""
     device = torch.device(cfg.device)
     tokens = cfg.max_num_batched_tokens
     lens = [min(cfg.max_model_len, tokens - s) for s in range(0, tokens, cfg.max_model_len)]
@@ -43,7 +43,7 @@ def profile_step_memory(model, cfg: EngineConfig) -> int:
     ids = torch.zeros(tokens, dtype=torch.long, device=device)
     positions = torch.cat([torch.arange(n, device=device) for n in lens])
     hidden = model(ids, positions, AttentionContext.cacheless(lens, device))
-    logits = model.compute_logits(hidden[:min(tokens, cfg.max_num_seqs)]).float()
+    logits = model.compute_logits(hidden[:min(tokens, cfg.max_num_seqs, SAMPLE_ROWS)]).float()
     del hidden
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = sorted_logits.softmax(-1) / torch.empty_like(logits).exponential_()
@@ -296,7 +296,7 @@ class ModelRunner:
             if sampled:
                 hidden = hidden[to_device([hb.cu[i + 1] - 1 for i in sampled], torch.long, self.device)]
         seqs = [batch[i].seq for i in sampled]
-        draws = draw(self.model.compute_logits(hidden), seqs) if seqs else None
+        draws = sample(hidden, self.model.compute_logits, seqs) if seqs else None
         self._last = None if draws is None else (draws.tokens, {seq.seq_id: r for r, seq in enumerate(seqs)})
         return InFlight(seqs, draws)
 

@@ -73,6 +73,13 @@ class Sampled:
     top_i: torch.Tensor | None = None
     top_v: torch.Tensor | None = None
 
+    @staticmethod
+    def concat(parts: list["Sampled"]) -> "Sampled":
+        """One batch's draws from its row chunks (each drawn with the same top width)."""
+        cat = [None if t[0] is None else torch.cat(t) for t in
+               zip(*((p.tokens, p.chosen, p.top_i, p.top_v) for p in parts))]
+        return Sampled(cat[0], [w for p in parts for w in p.want], *cat[1:])
+
     def host(self) -> tuple[list[int], list[TokenLogprob | None]]:
         logprobs: list[TokenLogprob | None] = [None] * len(self.want)
         if self.chosen is None:
@@ -85,8 +92,30 @@ class Sampled:
         return token_list, logprobs
 
 
-def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
-    """logits: fp32 `[B, vocab]`, one row per sequence -> the tokens (and asked logprobs), on the device."""
+# rows per pass over the vocabulary: the logits and the sampler's vocab-sized temporaries keep one
+# size whatever the batch, so the caching allocator reuses its blocks instead of asking the driver
+# for larger ones as the batch grows (a cudaFree synchronizes the device); it also bounds the
+# sampler's share of the memory the KV cache is sized around
+SAMPLE_ROWS = 256
+
+
+def sample(hidden: torch.Tensor, compute_logits, seqs: list[Sequence]) -> Sampled:
+    """hidden `[B, hidden_size]`, one row per sequence -> their draws, SAMPLE_ROWS rows at a time."""
+    top = _top_width(seqs)
+    parts = [draw(compute_logits(hidden[i:i + SAMPLE_ROWS]), seqs[i:i + SAMPLE_ROWS], top)
+             for i in range(0, len(seqs), SAMPLE_ROWS)]
+    return parts[0] if len(parts) == 1 else Sampled.concat(parts)
+
+
+def _top_width(seqs: list[Sequence]) -> int:
+    """How many top logprobs a batch reports per row (0: no logprobs at all)."""
+    want = [s.params.logprobs for s in seqs]
+    return 0 if all(w is None for w in want) else max(1, *(w or 0 for w in want))
+
+
+def draw(logits: torch.Tensor, seqs: list[Sequence], top: int | None = None) -> Sampled:
+    """logits: fp32 `[B, vocab]`, one row per sequence -> the tokens (and asked logprobs), on the device.
+    `top`: the top-logprob width (default: what these sequences ask; 0: none)."""
     logits = logits.float()
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         logits = logits.clone()  # the penalty edits in place: never the caller's tensor
@@ -98,8 +127,9 @@ def draw(logits: torch.Tensor, seqs: list[Sequence]) -> Sampled:
         drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
         tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens, drawn)
     want = [s.params.logprobs for s in seqs]
-    if all(w is None for w in want):
+    top = _top_width(seqs) if top is None else top
+    if not top:
         return Sampled(tokens, want)
     lp = logits.log_softmax(-1)
-    top_v, top_i = lp.topk(max(1, *(w or 0 for w in want)), dim=-1)
+    top_v, top_i = lp.topk(top, dim=-1)
     return Sampled(tokens, want, lp.gather(1, tokens[:, None])[:, 0], top_i, top_v)
