@@ -235,17 +235,14 @@ def random_paged_cache(model: str, seqs: int, tokens: int, bits: int):
     return m["heads"], m["kv_heads"], m["head_dim"], cache, tables
 
 
-def paged_decode_case(model: str, batch: int, ctx: int, bits: int, cfg=None, head_major: bool = False):
-    """A run() of our decode attention over a random `bits`-bit paged cache, pages in random order
-    (`head_major`: the same cache laid out [blocks, heads, tokens, ...], the layout experiment)."""
+def paged_decode_case(model: str, batch: int, ctx: int, bits: int, cfg=None):
+    """A run() of our decode attention over a random `bits`-bit paged cache, pages in random order."""
     from lowbit.kernels.paged_attention import paged_decode_attention_triton
     hq, hkv, d, cache, tables = random_paged_cache(model, batch, ctx, bits)
-    if head_major:
-        cache = [None if c is None else c.transpose(1, 2).contiguous() for c in cache]
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
     return lambda: paged_decode_attention_triton(q, *cache, tables, lens, scale=d ** -0.5, max_seq_len=ctx,
-                                                 config=cfg, head_major=head_major)
+                                                 config=cfg)
 
 
 def sdpa_case(model: str, batch: int, ctx: int):
@@ -264,10 +261,8 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     rows = []
     per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2}
-    per_token["KV4 paged head-major"] = per_token["KV4 paged"]
     builders = {"KV8 paged": lambda: paged_decode_case(model, batch, ctx, 8),
                 "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
-                "KV4 paged head-major": lambda: paged_decode_case(model, batch, ctx, 4, head_major=True),
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
         # the defaults differ per width (default_decode_config): DecodeConfig() is KV8 without its register cap
@@ -509,12 +504,11 @@ def tables(result: dict, markdown: bool) -> str:
         rs = {x["method"]: x for x in att if x["batch"] == r["batch"] and x["ctx"] == r["ctx"]}
         body.append([str(r["batch"]), str(r["ctx"])] +
                     [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['GBps'] / 1e3, 2)} TB/s)" if n in rs else "-"
-                     for n in ("SDPA bf16", "KV8 paged", "KV4 paged", "KV4 paged head-major")] +
+                     for n in ("SDPA bf16", "KV8 paged", "KV4 paged")] +
                     [_fmt(r["us"] / rs["KV8 paged"]["us"], 2), _fmt(r["us"] / rs["KV4 paged"]["us"], 2),
                      _fmt(rs["KV4 paged"]["roof_pct"], 0)])
-    out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth); "
-            "head-major: the KV4 cache laid out [blocks, heads, tokens] (an experiment; the engine's is token-major)",
-            table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV4 head-major", "KV8/SDPA", "KV4/SDPA",
+    out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
+            table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA",
                    "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []

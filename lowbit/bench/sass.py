@@ -43,11 +43,10 @@ class Preset:
     maxnreg: int | None = None  # the launch's cap on registers per thread
 
 
-def _decode_preset(bits: int, maxnreg: int | None = None, head_major: bool = False) -> Preset:
+def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     """Llama-3-8B's attention (8 KV heads of 128, GQA 4) at the engine's block size 16, the launch
     `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width),
-    or that launch with a register cap (a config the benchmark's sweep times) or over the head-major
-    layout (the benchmark's layout experiment)."""
+    or that launch with a register cap (a config the benchmark's sweep times)."""
     import dataclasses
 
     from lowbit.kernels.paged_attention import default_decode_config
@@ -62,12 +61,10 @@ def _decode_preset(bits: int, maxnreg: int | None = None, head_major: bool = Fal
                  stride_qh="i32", stride_bt="i32", per_split="i32")
     d = 128
     per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
-    name = ((f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
-            + ("-head-major" if head_major else ""))
+    name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
     return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
-                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n, SPLITS=4, ASM=True,
-                       HEAD_MAJOR=head_major),
+                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n, SPLITS=4, ASM=True),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
                   f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
                   ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg)
@@ -132,7 +129,6 @@ def _w4a16_preset(m: int) -> Preset:
 
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
-                                _decode_preset(4, head_major=True),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
 

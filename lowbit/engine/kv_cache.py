@@ -11,12 +11,12 @@ import torch
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
 from lowbit.kernels.common import use_triton
 from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
-from lowbit.kernels.reference import kv_dequant
+from lowbit.kernels.reference import at_slots, kv_dequant
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
 
 class PagedKVCache:
-    """Full-precision K/V blocks `[num_blocks, block_size, n_kv_heads, head_dim]`.
+    """Full-precision K/V blocks `[num_blocks, n_kv_heads, block_size, head_dim]` (head-major, as the kernels read them).
 
     `store` writes the new tokens' K/V at their slots; `gather` returns a sequence's K/V in order;
     `decode` (when `decode_kernel`) attends one query token per sequence over the cache, `prefill`
@@ -25,7 +25,7 @@ class PagedKVCache:
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.k, self.v = (torch.zeros(shape, dtype=dtype, device=device) for _ in range(2))
         self.k_sz = self.v_sz = None  # scale and zero pairs of a quantized cache
 
@@ -48,10 +48,10 @@ class PagedKVCache:
         return self._values(self.k, self.k_sz, slots), self._values(self.v, self.v_sz, slots)
 
     def _values(self, cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
-        rows = cache.view(-1, *cache.shape[2:])[slots]
+        at = at_slots(cache, slots)
         if sz is None:
-            return rows
-        return kv_dequant(rows, sz.view(-1, *sz.shape[2:])[slots], self.head_dim).to(self.dtype)
+            return cache[at]
+        return kv_dequant(cache[at], sz[at], self.head_dim).to(self.dtype)
 
     def decode(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                max_seq_len: int | None) -> torch.Tensor:
@@ -86,12 +86,12 @@ class PagedKVCache:
 
 class KernelKVCache(PagedKVCache):
     """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
-    `[num_blocks, block_size, n_kv_heads, head_dim (or / 2)]`, fp32 (scale, zero) pairs
-    `[num_blocks, block_size, n_kv_heads, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
+    `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]`, fp32 (scale, zero) pairs
+    `[num_blocks, n_kv_heads, block_size, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
-        shape = (num_blocks, block_size, num_kv_heads)
+        shape = (num_blocks, num_kv_heads, block_size)
         width = head_dim * spec.bits // 8
         self.k, self.v = (torch.zeros(*shape, width, dtype=torch.uint8, device=device) for _ in range(2))
         self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float32, device=device) for _ in range(2))

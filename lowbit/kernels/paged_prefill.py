@@ -45,7 +45,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables
     """
     cfg = config or PrefillConfig()
     _, hq, d = q.shape
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    hkv, bs = k_cache.shape[1], k_cache.shape[2]
     gp = triton.next_power_of_2(hq // hkv)
     bmt = max(1, cfg.block_m // gp)  # new tokens per program
     grid = (cdiv(max_q_len, bmt), hkv, seqs.numel())
@@ -102,7 +102,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         offs_t = k0 + tl.arange(0, BN)
         t_ok = offs_t < end
         blk = tl.load(bt_ptr + s * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
-        krow = (blk * BS + offs_t % BS) * HKV + kvh
+        krow = (blk * HKV + kvh) * BS + offs_t % BS
         kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale

@@ -109,6 +109,13 @@ def quant_per_token(x, out_dtype=torch.int8):
     return _quantize_rows(y, y.abs().amax(-1), out_dtype)
 
 
+def at_slots(cache: torch.Tensor, slots: torch.Tensor) -> tuple:
+    """The index of cache slots `slots` `[N]` (block * block_size + offset) in a head-major cache
+    `[num_blocks, n_kv_heads, block_size, ...]`: `cache[at_slots(cache, slots)]` is `[N, n_kv_heads, ...]`."""
+    bs = cache.shape[2]
+    return slots // bs, slice(None), slots % bs
+
+
 def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=False):
     d = key.shape[-1]
     bits = 4 if k_cache.shape[-1] * 2 == d else 8
@@ -116,15 +123,15 @@ def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=
     slots = slot_mapping[keep].long()
     echoed = []
     for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
-        rows = cache.view(-1, *cache.shape[2:])
+        at = at_slots(cache, slots)
         if sz is None:  # a 16-bit cache: the values themselves
-            rows[slots] = x[keep].to(cache.dtype)
+            cache[at] = x[keep].to(cache.dtype)
             echoed.append(x.to(cache.dtype))
             continue
         q, s, z = quantize_kv(x.float(), bits)  # the numerics contract: quant/kv.py
         qsz = torch.stack((s, z.float()), dim=-1)
-        rows[slots] = q[keep]
-        sz.view(-1, *sz.shape[2:])[slots] = qsz[keep]
+        cache[at] = q[keep]
+        sz[at] = qsz[keep]
         echoed.append(kv_dequant(q, qsz, d).to(x.dtype))
     return tuple(echoed) if echo else None
 
@@ -140,11 +147,11 @@ def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> t
 
 def cached_kv(k_cache, v_cache, k_sz, v_sz, block_table, n: int, head_dim: int):
     """A sequence's first `n` cache positions (block table `[max_blocks]`) -> fp32 K, V `[n, n_kv_heads, head_dim]`."""
-    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    bs = k_cache.shape[2]
     t = torch.arange(n, device=k_cache.device)
-    slots = block_table[t // bs].long() * bs + t % bs
-    return tuple(kv_dequant(c.view(-1, hkv, c.shape[-1])[slots], None if sz is None else sz.view(-1, hkv, 2)[slots],
-                            head_dim) for c, sz in ((k_cache, k_sz), (v_cache, v_sz)))
+    at = at_slots(k_cache, block_table[t // bs].long() * bs + t % bs)
+    return tuple(kv_dequant(c[at], None if sz is None else sz[at], head_dim)
+                 for c, sz in ((k_cache, k_sz), (v_cache, v_sz)))
 
 
 def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
@@ -152,7 +159,7 @@ def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_le
     b, hq, d = q.shape
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     for i in range(b):
-        k, v = (x.repeat_interleave(hq // k_cache.shape[2], dim=1)  # [n, hq, d]
+        k, v = (x.repeat_interleave(hq // k_cache.shape[1], dim=1)  # [n, hq, d]
                 for x in cached_kv(k_cache, v_cache, k_sz, v_sz, block_tables[i], int(seq_lens[i]), d))
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].float(), k) * scale, dim=-1)
         out[i] = torch.einsum("hn,nhd->hd", p, v)
@@ -165,7 +172,7 @@ def paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_l
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
     for i in seqs.tolist():
         a, e, n = cu[i], cu[i + 1], lens[i]
-        k, v = (x.repeat_interleave(hq // k_cache.shape[2], dim=1)
+        k, v = (x.repeat_interleave(hq // k_cache.shape[1], dim=1)
                 for x in cached_kv(k_cache, v_cache, k_sz, v_sz, block_tables[i], n, d))
         scores = torch.einsum("qhd,nhd->hqn", q[a:e].float(), k) * scale
         pos = torch.arange(n - (e - a), n, device=q.device)  # the new tokens' cache positions

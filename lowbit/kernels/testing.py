@@ -97,7 +97,7 @@ def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: i
                     device="cpu"):
     """[k, v, k_sz, v_sz] of `paged_attention`'s layout filled with random bytes (so a slot that is
     not written is noticed): codes and fp32 (scale, zero) pairs, or bf16 values and None (16 bits)."""
-    shape = (n_blocks, block_size, n_kv_heads)
+    shape = (n_blocks, n_kv_heads, block_size)
     if bits == 16:
         return [randn((*shape, head_dim), g, device=device) for _ in range(2)] + [None, None]
     width = head_dim // 2 if bits == 4 else head_dim
