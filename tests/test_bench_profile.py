@@ -23,3 +23,10 @@ def test_environment_records_the_allocator_settings(monkeypatch):
     assert "alloc_conf" not in environment("cpu")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     assert environment("cpu")["alloc_conf"] == "expandable_segments:True"
+
+
+def test_the_timed_phases_are_model_runner_functions():
+    """The profile wraps these by name (it runs on CUDA only: a renamed function would fail there first)."""
+    from lowbit.bench.profile import RUNNER_PHASES
+    from lowbit.engine import model_runner
+    assert all(callable(getattr(model_runner, name, None)) for name in RUNNER_PHASES)

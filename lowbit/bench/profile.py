@@ -22,6 +22,7 @@ from contextlib import contextmanager
 PHASES = ("schedule", "host_batch", "forward", "sample", "update")
 # caching-allocator events that reach the driver: a cudaMalloc, a cudaFree (which synchronizes the
 # device), a retry after freeing cached blocks; none of them shows in the sync debug mode
+RUNNER_PHASES = ("host_batch", "sample")  # engine.model_runner functions timed as phases of a step
 ALLOC_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
 
 
@@ -202,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timer = StepTimer(torch.device(a.device))
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(model_runner, "host_batch", "host_batch")
-    timer.wrap(model_runner, "draw", "sample")
+    for attr in RUNNER_PHASES:
+        timer.wrap(model_runner, attr, attr)
     runner = engine.runner
     launch = runner.launch
 
