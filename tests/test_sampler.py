@@ -109,8 +109,8 @@ def test_sampling_in_row_chunks_equals_one_pass(monkeypatch):
     still reports the batch's width)."""
     import lowbit.layers.sampler as sampler
     monkeypatch.setattr(sampler, "SAMPLE_ROWS", 3)
-    hidden = torch.randn(10, 8)
-    head = torch.randn(8, 40)
+    logits = torch.randn(10, 40)
+    hidden = torch.arange(10.0)[:, None]  # each row's index: its logits do not depend on the chunk (a matmul's may)
     kinds = [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0.8, top_p=0.9, seed=5),
              SamplingParams(temperature=1.0, top_k=7, seed=9), SamplingParams(temperature=0)]
 
@@ -118,8 +118,8 @@ def test_sampling_in_row_chunks_equals_one_pass(monkeypatch):
         rows = [0, 1, 2, 3, 1, 2, 3, 3, 3, 2]  # rows 3-8 (the second and third chunks) ask no logprobs
         return [Sequence(str(i), 0, [0], kinds[k], seed=kinds[k].seed) for i, k in enumerate(rows)]
 
-    want_tokens, want_lps = draw(hidden @ head, batch()).host()
-    got_tokens, got_lps = sampler.sample(hidden, lambda h: h @ head, batch()).host()
+    want_tokens, want_lps = draw(logits, batch()).host()
+    got_tokens, got_lps = sampler.sample(hidden, lambda h: logits[h[:, 0].long()], batch()).host()
     assert got_tokens == want_tokens
     assert [lp is None for lp in got_lps] == [lp is None for lp in want_lps] == [False] + [True] * 9
     assert got_lps[0].top == want_lps[0].top and got_lps[0].logprob == want_lps[0].logprob
