@@ -20,9 +20,9 @@ from collections import defaultdict
 from contextlib import contextmanager
 
 PHASES = ("schedule", "host_batch", "forward", "sample", "update")
+RUNNER_PHASES = ("host_batch", "sample")  # engine.model_runner functions timed as phases of a step
 # caching-allocator events that reach the driver: a cudaMalloc, a cudaFree (which synchronizes the
 # device), a retry after freeing cached blocks; none of them shows in the sync debug mode
-RUNNER_PHASES = ("host_batch", "sample")  # engine.model_runner functions timed as phases of a step
 ALLOC_COUNTS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
 
 

@@ -101,15 +101,14 @@ SAMPLE_ROWS = 256
 
 def sample(hidden: torch.Tensor, compute_logits, seqs: list[Sequence]) -> Sampled:
     """hidden `[B, hidden_size]`, one row per sequence -> their draws, SAMPLE_ROWS rows at a time."""
-    top = _top_width(seqs)
+    top = _top_width([s.params.logprobs for s in seqs])
     parts = [draw(compute_logits(hidden[i:i + SAMPLE_ROWS]), seqs[i:i + SAMPLE_ROWS], top)
              for i in range(0, len(seqs), SAMPLE_ROWS)]
     return parts[0] if len(parts) == 1 else Sampled.concat(parts)
 
 
-def _top_width(seqs: list[Sequence]) -> int:
-    """How many top logprobs a batch reports per row (0: no logprobs at all)."""
-    want = [s.params.logprobs for s in seqs]
+def _top_width(want: list[int | None]) -> int:
+    """How many top logprobs a batch whose rows ask `want` reports per row (0: no logprobs at all)."""
     return 0 if all(w is None for w in want) else max(1, *(w or 0 for w in want))
 
 
@@ -127,7 +126,7 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], top: int | None = None) -> 
         drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
         tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens, drawn)
     want = [s.params.logprobs for s in seqs]
-    top = _top_width(seqs) if top is None else top
+    top = _top_width(want) if top is None else top
     if not top:
         return Sampled(tokens, want)
     lp = logits.log_softmax(-1)
