@@ -73,7 +73,7 @@ def _gemm_methods(m: int):
     from lowbit.kernels.w4a4 import prepare_w4a4, w4a4_gemm_triton
     from lowbit.kernels.w4a8 import prepare_w4a8, w4a8_gemm_triton
     from lowbit.kernels.w4a16 import prepare_w4a16, w4a16_gemm_triton
-    from lowbit.kernels.w8a8 import prepare_w8a8, w8a8_gemm_triton
+    from lowbit.kernels.w8a8 import TMA_MIN_M, prepare_w8a8, w8a8_gemm_triton
     from lowbit.quant.formats import pack_int4
     fp8 = torch.float8_e4m3fn
 
@@ -140,14 +140,14 @@ def _gemm_methods(m: int):
         "fp8 cuBLAS": (cublas_fp8, "fp8", 8, 1),
         "int8 _int_mm": (int_mm if m > 16 else None, "int8", 8, 1),
         "W8A8 int8": (w8a8(torch.int8), "int8", 8, 1),
-        "W8A8 fp8": (w8a8(fp8) if m <= 64 else None, "fp8", 8, 1),
+        "W8A8 fp8": (w8a8(fp8) if m <= 64 or m >= TMA_MIN_M else None, "fp8", 8, 1),
         "W4A8 g128": (w4a8(True), "int8", 4, 1),
         "W4A8 chan": (w4a8(False), "int8", 4, 1),
         "W4A16 g128": (w4a16() if m <= 256 else None, "bf16", 4, 2),
         "W4A4 Atom": (w4a4, "int8", 4, 0.5),
     }
     configured = {"W4A8 g128": lambda cfg: w4a8(True, cfg), "W8A8 int8": lambda cfg: w8a8(torch.int8, cfg),
-                  "W4A16 g128": w4a16}
+                  "W8A8 fp8": lambda cfg: w8a8(fp8, cfg), "W4A16 g128": w4a16}
     return {k: v for k, v in methods.items() if v[0] is not None}, configured
 
 
@@ -156,6 +156,7 @@ def _sweeps(m: int) -> dict:
     from lowbit.kernels.common import TileConfig
     from lowbit.kernels.w4a8 import W4A8Config
     from lowbit.kernels.w8a8 import W8A8Config
+    from lowbit.kernels.w8a8_tma import TmaConfig
     bm = max(16, 1 << (m - 1).bit_length())
     w4a16 = [TileConfig(swap=True, block_m=bm, block_n=bn, num_stages=stages, waves=waves)
              for bn, stages, waves in ((128, 2, 2), (128, 3, 2), (64, 4, 2), (64, 2, 4))] if m <= 64 else []
@@ -171,8 +172,12 @@ def _sweeps(m: int) -> dict:
               W4A8Config(swap=True, block_m=128, block_n=128, num_warps=8),
               W4A8Config(swap=True, block_m=128, block_n=256, num_warps=8, num_stages=3),
               W4A8Config(widen=True)]
-        w8 = [W8A8Config(False, 128, 128, num_warps=8), W8A8Config(False, 256, 128, num_warps=8, num_stages=3)]
-    return {"W4A8 g128": w4, "W8A8 int8": w8, "W4A16 g128": w4a16}
+        w8 = [W8A8Config(False, 128, 128, num_warps=8), W8A8Config(False, 256, 128, num_warps=8, num_stages=3),
+              W8A8Config(False, 64, 128, num_warps=4, num_stages=4), W8A8Config(False, 128, 256, num_warps=8, num_stages=3)]
+        w8 += [TmaConfig(), TmaConfig(warp_specialize=True), TmaConfig(block_m=64, num_warps=4, num_stages=4),
+               TmaConfig(block_n=256, persistent=True), TmaConfig(block_n=256, persistent=True, warp_specialize=True),
+               TmaConfig(persistent=True, num_stages=4)]
+    return {"W4A8 g128": w4, "W8A8 int8": w8, "W8A8 fp8": w8 if m > 64 else [], "W4A16 g128": w4a16}
 
 
 def _label(cfg) -> str:

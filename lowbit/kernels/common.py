@@ -284,17 +284,20 @@ def store_scaled(out_ptr, ws_ptr, lock_ptr, acc, xs_ptr, cs_ptr, offs_m, offs_n,
 
 
 @triton.jit
-def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
-    """This program's output tile (pid, rows, columns) in grouped order: GROUP_M row-tiles share
+def grouped_tile(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """Output tile number `tile` -> its (row, column) tile in grouped order: GROUP_M row-tiles share
     each column sweep, for L2 reuse of the weights."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
     width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
+    first_m = (tile // width) * GROUP_M
     rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
+    return first_m + (tile % width) % rows, (tile % width) // rows
+
+
+@triton.jit
+def tile_offsets(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile (pid, rows, columns), in grouped order."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     return pid, pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN)
 
 

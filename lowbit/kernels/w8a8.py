@@ -1,8 +1,9 @@
 """W8A8 GEMM: int8 or fp8 e4m3 weights (per channel) x activations (per token) -> bf16.
 
-int8 runs the Triton kernel (int32 accumulator, scales in the epilogue). fp8 on CUDA runs
-`torch._scaled_mm` (cuBLAS, row-wise scales) where it is faster, the same Triton kernel (fp32
-accumulator) below `FP8_TRITON_MAX_M` tokens, where cuBLAS is slower (measured in
+int8 runs the Triton kernels (int32 accumulator, scales in the epilogue): this module's, which
+loads with cp.async, up to `TMA_MIN_M` tokens, and from there the TMA-fed one of `w8a8_tma.py`.
+fp8 on CUDA runs `torch._scaled_mm` (cuBLAS, row-wise scales) where it is faster, the Triton kernel
+(fp32 accumulator) below `FP8_TRITON_MAX_M` tokens, where cuBLAS is slower (measured in
 docs/benchmarks.md).
 """
 from __future__ import annotations
@@ -14,8 +15,11 @@ import torch
 from lowbit.kernels import reference
 from lowbit.kernels.common import (TileConfig, acc_zeros, cdiv, k_range, split_k, splitk_buffers,
                                    store_scaled, tile_offsets, tl, triton, use_triton)
+from lowbit.kernels.w8a8_tma import TmaConfig, tma_ok, w8a8_gemm_tma
 
 FP8_TRITON_MAX_M = 16
+TMA_MIN_M = 257
+TMA_WIDE_MIN_M = 8192
 
 
 @dataclass
@@ -53,20 +57,31 @@ class W8A8Config(TileConfig):
     block_k: int = 128
 
 
-def default_config(m: int) -> W8A8Config:
+# where the operands do not suit TMA (tma_ok), large M runs this module's kernel with these tiles
+_LARGE_M = W8A8Config(False, 128, 256, num_warps=8, num_stages=3)
+
+
+def default_config(m: int) -> W8A8Config | TmaConfig:
+    """The fastest of the configs swept on an H200 (docs/benchmarks.md)."""
     if m <= 64:
         return W8A8Config(swap=True, block_m=max(16, triton.next_power_of_2(m)), block_n=128)
-    if m <= 256:
+    if m < TMA_MIN_M:
         return W8A8Config(False, 64, 128, num_warps=4, num_stages=4)
-    return W8A8Config(False, 128, 256, num_warps=8, num_stages=3)
+    if m < TMA_WIDE_MIN_M:
+        return TmaConfig()
+    return TmaConfig(block_n=256, persistent=True)
 
 
 def w8a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W8A8Weight,
-                     config: W8A8Config | None = None) -> torch.Tensor:
+                     config: W8A8Config | TmaConfig | None = None) -> torch.Tensor:
     m, k = x_q.shape
     assert x_q.dtype == w.qweight.dtype and w.qweight.shape[1] == k and x_q.stride(1) == 1
     n = w.n
     cfg = config or default_config(m)
+    if isinstance(cfg, TmaConfig):
+        if tma_ok(x_q, w.qweight):
+            return w8a8_gemm_tma(x_q, x_scale, w.qweight, w.scale, cfg)
+        cfg = _LARGE_M
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x_q.device)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = split_k(cfg.split_k, tiles, cdiv(k, cfg.block_k), x_q.device, cfg.waves)
