@@ -92,7 +92,7 @@ class W4A8Config(TileConfig):
     widen: bool = False  # widen to int8, then the W8A8 kernel (its default config)
 
 
-WIDEN_MIN_M = 1024
+WIDEN_MIN_M = 512
 
 
 def default_config(m: int) -> W4A8Config:

@@ -1,10 +1,9 @@
 """W8A8 GEMM: int8 or fp8 e4m3 weights (per channel) x activations (per token) -> bf16.
 
-int8 runs the Triton kernels (int32 accumulator, scales in the epilogue): this module's, which
-loads with cp.async, up to `TMA_MIN_M` tokens, and from there the TMA-fed one of `w8a8_tma.py`.
-fp8 on CUDA runs `torch._scaled_mm` (cuBLAS, row-wise scales) where it is faster, the Triton kernel
-(fp32 accumulator) below `FP8_TRITON_MAX_M` tokens, where cuBLAS is slower (measured in
-docs/benchmarks.md).
+Both run Triton kernels (int32 or fp32 accumulator, scales in the epilogue): this module's, which
+loads with cp.async, below `TMA_MIN_M` tokens, and from there the TMA-fed one of `w8a8_tma.py`.
+fp8 runs `torch._scaled_mm` (cuBLAS, row-wise scales) between `FP8_TRITON_MAX_M` and
+`FP8_TMA_MIN_M` tokens, where it is the faster (measured on an H200, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from lowbit.kernels.w8a8_tma import TmaConfig, tma_ok, w8a8_gemm_tma
 
 FP8_TRITON_MAX_M = 16
 TMA_MIN_M = 257
-TMA_WIDE_MIN_M = 8192
+FP8_TMA_MIN_M = 512
 
 
 @dataclass
@@ -61,14 +60,16 @@ class W8A8Config(TileConfig):
 _LARGE_M = W8A8Config(False, 128, 256, num_warps=8, num_stages=3)
 
 
-def default_config(m: int) -> W8A8Config | TmaConfig:
+def default_config(m: int, fp8: bool = False) -> W8A8Config | TmaConfig:
     """The fastest of the configs swept on an H200 (docs/benchmarks.md)."""
     if m <= 64:
         return W8A8Config(swap=True, block_m=max(16, triton.next_power_of_2(m)), block_n=128)
     if m < TMA_MIN_M:
         return W8A8Config(False, 64, 128, num_warps=4, num_stages=4)
-    if m < TMA_WIDE_MIN_M:
+    if not fp8:
         return TmaConfig()
+    if m < 1024:
+        return TmaConfig(persistent=True, num_stages=4)
     return TmaConfig(block_n=256, persistent=True)
 
 
@@ -77,7 +78,7 @@ def w8a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W8A8Weight,
     m, k = x_q.shape
     assert x_q.dtype == w.qweight.dtype and w.qweight.shape[1] == k and x_q.stride(1) == 1
     n = w.n
-    cfg = config or default_config(m)
+    cfg = config or default_config(m, x_q.dtype == torch.float8_e4m3fn)
     if isinstance(cfg, TmaConfig):
         if tma_ok(x_q, w.qweight):
             return w8a8_gemm_tma(x_q, x_scale, w.qweight, w.scale, cfg)
@@ -96,9 +97,11 @@ def w8a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W8A8Weight,
 
 
 def _scaled_mm_ok(x_q: torch.Tensor, w: W8A8Weight) -> bool:
+    """fp8 through cuBLAS: where it is faster than our kernels, or the TMA one cannot run."""
     m, k = x_q.shape
-    return (x_q.dtype == torch.float8_e4m3fn and m > FP8_TRITON_MAX_M and k % 16 == 0
-            and w.n % 16 == 0)
+    if x_q.dtype != torch.float8_e4m3fn or m <= FP8_TRITON_MAX_M or k % 16 or w.n % 16:
+        return False
+    return m < FP8_TMA_MIN_M or not tma_ok(x_q, w.qweight)
 
 
 def w8a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w: W8A8Weight) -> torch.Tensor:
