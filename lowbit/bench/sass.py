@@ -92,8 +92,9 @@ def _prefill_preset(bits: int) -> Preset:
 
 
 def _w4a8_preset(m: int) -> Preset:
-    """The W4A8 GEMM at Llama-3-8B's gate_up (N 28672, K 4096) as `w4a8_gemm` launches it for M
-    tokens (its default config; two K-splits, which only changes the epilogue)."""
+    """The W4A8 GEMM at Llama-3-8B's gate_up (N 28672, K 4096) as `w4a8_gemm` launches it for M <= 64
+    tokens (its default config; two K-splits, which only changes the epilogue; above 64 tokens the
+    weight is widened to int8 and the W8A8 kernel runs)."""
     from lowbit.kernels.w4a8 import default_config
 
     cfg = default_config(m)
@@ -130,7 +131,7 @@ def _w4a16_preset(m: int) -> Preset:
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
-                                _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(256), _w4a16_preset(1))}
+                                _w4a8_preset(1), _w4a8_preset(64), _w4a16_preset(1))}
 
 
 def _jit_function(path: str):

@@ -17,7 +17,7 @@ from lowbit.kernels.common import (TileConfig, acc_zeros, cdiv, k_range, split_k
 from lowbit.kernels.w8a8_tma import TmaConfig, tma_ok, w8a8_gemm_tma
 
 FP8_TRITON_MAX_M = 16
-TMA_MIN_M = 257
+TMA_MIN_M = 65
 FP8_TMA_MIN_M = 512
 
 
@@ -56,18 +56,19 @@ class W8A8Config(TileConfig):
     block_k: int = 128
 
 
-# where the operands do not suit TMA (tma_ok), large M runs this module's kernel with these tiles
-_LARGE_M = W8A8Config(False, 128, 256, num_warps=8, num_stages=3)
+def _cp_async_config(m: int) -> W8A8Config:
+    """This module's kernel above 64 tokens: where TMA cannot load the operands (`tma_ok`)."""
+    if m <= 256:
+        return W8A8Config(False, 64, 128, num_warps=4, num_stages=4)
+    return W8A8Config(False, 128, 256, num_warps=8, num_stages=3)
 
 
 def default_config(m: int, fp8: bool = False) -> W8A8Config | TmaConfig:
     """The fastest of the configs swept on an H200 (docs/benchmarks.md)."""
-    if m <= 64:
-        return W8A8Config(swap=True, block_m=max(16, triton.next_power_of_2(m)), block_n=128)
     if m < TMA_MIN_M:
-        return W8A8Config(False, 64, 128, num_warps=4, num_stages=4)
+        return W8A8Config(swap=True, block_m=max(16, triton.next_power_of_2(m)), block_n=128)
     if not fp8:
-        return TmaConfig()
+        return TmaConfig(block_m=64, num_warps=4, num_stages=4) if m < 1024 else TmaConfig()
     if m < 1024:
         return TmaConfig(persistent=True, num_stages=4)
     return TmaConfig(block_n=256, persistent=True)
@@ -82,7 +83,7 @@ def w8a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W8A8Weight,
     if isinstance(cfg, TmaConfig):
         if tma_ok(x_q, w.qweight):
             return w8a8_gemm_tma(x_q, x_scale, w.qweight, w.scale, cfg)
-        cfg = _LARGE_M
+        cfg = _cp_async_config(m)
     out = torch.empty(m, n, dtype=torch.bfloat16, device=x_q.device)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = split_k(cfg.split_k, tiles, cdiv(k, cfg.block_k), x_q.device, cfg.waves)
