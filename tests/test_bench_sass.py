@@ -45,3 +45,18 @@ def test_kv4_decode_compiles_for_hopper_without_spills():
     # V's codes reach the MMA as fp16 through a transposing ldmatrix, not byte by byte through shared
     # memory (which took 1542 instructions per iteration)
     assert "LDSM" in row["mix"] and row["loop_instructions"] < 1200
+
+
+@pytest.mark.parametrize("kernel,mma", [("w8a8-tma-int8-m4096", "IGMMA"), ("w8a8-tma-fp8-m4096", "QGMMA")])
+def test_tma_gemm_compiles_to_tma_loads_feeding_wgmma(kernel, mma):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "lowbit.bench", "sass", "--kernel", kernel, "--json"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out.stdout)
+    # the operands arrive by bulk tensor copies (UTMALDG), not per-thread cp.async (LDGSTS), and
+    # the int8 / fp8 MMAs are warpgroup MMAs; the output leaves by TMA too
+    mix = row["mix"]
+    assert mix.get(mma, 0) > 0 and mix.get("UTMALDG", 0) > 0 and mix.get("UTMASTG", 0) > 0
+    assert "LDGSTS" not in mix and row["spills"] == 0

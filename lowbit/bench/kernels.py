@@ -403,9 +403,10 @@ def mma_instructions() -> list[dict]:
     """The MMA instructions of every compiled variant of our GEMM kernels: wgmma (sm_90a) or not."""
     import re
 
-    from lowbit.kernels import w4a4, w4a8, w4a16, w8a8
+    from lowbit.kernels import w4a4, w4a8, w4a16, w8a8, w8a8_tma
     found = []
-    for kernel in (w4a8._w4a8_kernel, w8a8._w8a8_kernel, w4a16._w4a16_kernel, w4a4._w4a4_kernel):
+    for kernel in (w4a8._w4a8_kernel, w8a8._w8a8_kernel, w8a8_tma._w8a8_tma_kernel, w4a16._w4a16_kernel,
+                   w4a4._w4a4_kernel):
         for cache in kernel.device_caches.values():
             for compiled in cache[0].values():
                 names = compiled.src.fn.arg_names

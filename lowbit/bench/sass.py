@@ -111,6 +111,26 @@ def _w4a8_preset(m: int) -> Preset:
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
 
+def _w8a8_tma_preset(m: int, fp8: bool) -> Preset:
+    """The TMA-fed W8A8 GEMM at Llama-3-8B's gate_up as `w8a8_gemm` launches it for M tokens. Its
+    tile loop and K loop are flattened into one, so the count includes the epilogue's share."""
+    from lowbit.kernels.w8a8 import default_config
+
+    cfg = default_config(m, fp8)
+    t = "fp8e4nv" if fp8 else "i8"
+    out_n = cfg.block_n // (2 if cfg.split_store else 1)
+    types = dict(x_desc=f"tensordesc<{t}[{cfg.block_m}, {cfg.block_k}]>",
+                 w_desc=f"tensordesc<{t}[{cfg.block_n}, {cfg.block_k}]>",
+                 out_desc=f"tensordesc<bf16[{cfg.block_m}, {out_n}]>", xs_ptr="*fp32", cs_ptr="*fp32",
+                 M="i32", N="i32", K="i32")
+    return Preset(f"w8a8-tma-{'fp8' if fp8 else 'int8'}-m{m}", "lowbit.kernels.w8a8_tma:_w8a8_tma_kernel", types,
+                  dict(FP8=fp8, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
+                       PROGRAMS=132 if cfg.persistent else 1, WS=cfg.warp_specialize, SPLIT_STORE=cfg.split_store),
+                  cfg.num_warps, cfg.num_stages, (cfg.block_m + cfg.block_n) * cfg.block_k,
+                  f"W8A8 {'fp8' if fp8 else 'int8'} GEMM through TMA, M = {m}, one K-step of {cfg.block_k} per iteration",
+                  ("N", "K"))
+
+
 def _w4a16_preset(m: int) -> Preset:
     """The W4A16 GEMM (GPTQ's g128 asymmetric) at Llama-3-8B's gate_up as `w4a16_gemm` launches it
     for M tokens below DEQUANT_MIN_M (its default config; two K-splits)."""
@@ -131,7 +151,8 @@ def _w4a16_preset(m: int) -> Preset:
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
-                                _w4a8_preset(1), _w4a8_preset(64), _w4a16_preset(1))}
+                                _w4a8_preset(1), _w4a8_preset(64), _w8a8_tma_preset(4096, False),
+                                _w8a8_tma_preset(4096, True), _w4a16_preset(1))}
 
 
 def _jit_function(path: str):
