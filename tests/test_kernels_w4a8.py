@@ -17,7 +17,9 @@ CONFIGS = [W4A8Config(swap=True, scale_acc=True, block_m=16, block_n=64, split_k
            W4A8Config(swap=True, scale_acc=False, block_m=16, block_n=64, split_k=3),
            W4A8Config(swap=False, scale_acc=False, block_m=32, block_n=32, split_k=1),
            W4A8Config(swap=False, scale_acc=True, block_m=16, block_n=64, split_k=2),
-           W4A8Config(widen=True)]
+           W4A8Config(widen=True),
+           W4A8Config(swap=True, scale_acc=True, block_m=16, block_n=32, split_k=2, tma=True),
+           W4A8Config(swap=False, scale_acc=False, block_m=16, block_n=32, split_k=1, tma=True)]
 BOUND = 5e-3  # exact int32 sums, one fp32 epilogue, a bf16 output
 
 
@@ -52,7 +54,8 @@ def test_reference_matches_float64(m, n, k, grouped):
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
 @pytest.mark.parametrize("cfg", CONFIGS + [None], ids=lambda c: "default" if c is None else
-                         "widen" if c.widen else f"swap{int(c.swap)}acc{int(c.scale_acc)}-{c.block_m}x{c.block_n}s{c.split_k}")
+                         "widen" if c.widen else f"swap{int(c.swap)}acc{int(c.scale_acc)}-{c.block_m}x{c.block_n}s{c.split_k}"
+                         + ("-tma" if c.tma else ""))
 @pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_triton_matches_reference(m, n, k, grouped, cfg):

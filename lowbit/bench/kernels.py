@@ -163,6 +163,8 @@ def _sweeps(m: int) -> dict:
     if m <= 64:
         w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=bn, waves=waves)
               for acc in (True, False) for bn in (64, 128) for waves in (2, 4, 8)]
+        w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=bn, waves=waves, tma=True)
+               for bn in (64, 128) for waves in (4, 8)]
         if m == 64:
             w4 += [W4A8Config(swap=False, scale_acc=acc, block_m=64, block_n=128) for acc in (True, False)]
         w8 = [W8A8Config(True, bm, 128, waves=waves) for waves in (4, 8)]

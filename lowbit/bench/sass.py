@@ -91,23 +91,24 @@ def _prefill_preset(bits: int) -> Preset:
                   ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt"))
 
 
-def _w4a8_preset(m: int) -> Preset:
+def _w4a8_preset(m: int, tma: bool = False) -> Preset:
     """The W4A8 GEMM at Llama-3-8B's gate_up (N 28672, K 4096) as `w4a8_gemm` launches it for M <= 64
     tokens (its default config; two K-splits, which only changes the epilogue; above 64 tokens the
-    weight is widened to int8 and the W8A8 kernel runs)."""
+    weight is widened to int8 and the W8A8 kernel runs); `tma`: with that config's `tma` switch on."""
     from lowbit.kernels.w4a8 import default_config
 
     cfg = default_config(m)
-    types = dict(x_ptr="*i8", xs_ptr="*fp32", w_ptr="*u8", s1_ptr="*fp32", s2_ptr="*u8", z2_ptr="*u8",
+    x, w = ("*i8", "*u8") if not tma else (f"tensordesc<i8[{cfg.block_m}, 64]>", f"tensordesc<u8[{cfg.block_n}, 64]>")
+    types = dict(x_ptr=x, xs_ptr="*fp32", w_ptr=w, s1_ptr="*fp32", s2_ptr="*u8", z2_ptr="*u8",
                  out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                  stride_xm="i32", stride_wn="i32", stride_om="i32")
     # one K-step reads a group of 128 int4 codes and its scale and zero for each of BN channels from
     # memory (the activations are re-read by every channel tile: from L2)
-    return Preset(f"w4a8-m{m}", "lowbit.kernels.w4a8:_w4a8_kernel", types,
+    return Preset(f"w4a8{'-tma' if tma else ''}-m{m}", "lowbit.kernels.w4a8:_w4a8_kernel", types,
                   dict(GROUPED=True, SWAP=cfg.swap, SCALE_ACC=cfg.scale_acc, BM=cfg.block_m, BN=cfg.block_n,
-                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True),
+                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 2),
-                  f"W4A8 g128 GEMM, M = {m}, one group of 128 per iteration",
+                  f"W4A8 g128 GEMM, M = {m}, one group of 128 per iteration{', tiles by TMA' if tma else ''}",
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
 
@@ -151,7 +152,8 @@ def _w4a16_preset(m: int) -> Preset:
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
-                                _w4a8_preset(1), _w4a8_preset(64), _w8a8_tma_preset(4096, False),
+                                _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
+                                _w8a8_tma_preset(4096, False),
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1))}
 
 

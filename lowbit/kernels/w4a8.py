@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.kernels import reference
-from lowbit.kernels.common import (KBLOCK, TileConfig, acc_zeros, cdiv, int4_widen, k_range, load_kblock,
-                                   pack_halves, split_k, splitk_buffers, store_scaled, tile_offsets, tl,
+from lowbit.kernels.common import (KBLOCK, TileConfig, acc_zeros, cdiv, grouped_tile, int4_widen, k_range,
+                                   load_kblock, pack_halves, split_k, splitk_buffers, store_scaled, tl,
                                    triton, use_triton)
 from lowbit.kernels.w8a8 import W8A8Weight, w8a8_gemm_triton
+from lowbit.kernels.w8a8_tma import tma_ok
 from lowbit.quant.formats import unpack_int4
 
 
@@ -91,6 +92,7 @@ class W4A8Config(TileConfig):
     block_m: int = 16
     scale_acc: bool = False  # QServe: s2 on the int32 partial sums (see the module doc)
     widen: bool = False  # widen to int8, then the W8A8 kernel (its default config)
+    tma: bool = False  # activation and packed weight tiles by TMA (bulk copies), not cp.async
 
 
 def default_config(m: int) -> W4A8Config:
@@ -128,11 +130,17 @@ def w4a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight,
     grouped = w.s2 is not None
     s2 = w.s2 if grouped else w.s1  # placeholders the kernel never reads
     z2 = w.z2 if grouped else w.s1
+    x_in, w_in = x_q, w.qweight
+    tma = cfg.tma and tma_ok(x_q, w.qweight)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        x_in = TensorDescriptor.from_tensor(x_q, [cfg.block_m, KBLOCK // 2])
+        w_in = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, KBLOCK // 2])
     _w4a8_kernel[(tiles, split)](
-        x_q, x_scale, w.qweight, w.s1, s2, z2, out, ws, locks, m, n, k,
+        x_in, x_scale, w_in, w.s1, s2, z2, out, ws, locks, m, n, k,
         x_q.stride(0), w.qweight.stride(0), out.stride(0),
         GROUPED=grouped, SWAP=cfg.swap, SCALE_ACC=grouped and cfg.scale_acc, BM=cfg.block_m,
-        BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda,
+        BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -149,14 +157,23 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, s2_ptr, z2_ptr, out_ptr, ws_ptr, 
                  M, N, K, stride_xm, stride_wn, stride_om,
                  GROUPED: tl.constexpr, SWAP: tl.constexpr, SCALE_ACC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 ASM: tl.constexpr):
-    """One output tile [BM tokens, BN channels] over this program's share of the K-steps."""
-    pid, offs_m, offs_n = tile_offsets(M, N, BM, BN, GROUP_M)
+                 ASM: tl.constexpr, TMA: tl.constexpr):
+    """One output tile [BM tokens, BN channels] over this program's share of the K-steps. With TMA,
+    x_ptr and w_ptr are tensor descriptors of `[BM, 64]` and `[BN, 64]` tiles (zero-filled edges)."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < N
     first, last = k_range(tl.cdiv(K, 128), SPLIT_K)
     acc = acc_zeros(BM, BN, SWAP, tl.int32)
     for step in range(first, last):
-        a_lo, a_hi, p = load_kblock(x_ptr, w_ptr, stride_xm, stride_wn, offs_m, offs_n, step, M, N, K)
+        if TMA:
+            a_lo = x_ptr.load([pid_m * BM, step * 128])
+            a_hi = x_ptr.load([pid_m * BM, step * 128 + 64])
+            p = w_ptr.load([pid_n * BN, step * 64])
+        else:
+            a_lo, a_hi, p = load_kblock(x_ptr, w_ptr, stride_xm, stride_wn, offs_m, offs_n, step, M, N, K)
         if GROUPED:
             z = tl.load(z2_ptr + step * N + offs_n, mask=n_ok, other=0)
             s = tl.load(s2_ptr + step * N + offs_n, mask=n_ok, other=0)
