@@ -195,8 +195,30 @@ def test_padded_static_decode_matches_eager(kw):
 
 
 def _generate(llm, prompts, n=8):
-    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    """Greedy outputs with the two best logprobs of every step."""
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=2)
+    return [o.outputs[0] for o in llm.generate(prompts, params)]
+
+
+def _tokens(outputs):
+    return [o.token_ids for o in outputs]
+
+
+NEAR_TIE = 1e-3  # logprob gap under which paths that round differently may pick either token
+
+
+def _assert_same_greedy(got, want):
+    """The same greedy tokens from two paths whose numbers differ by rounding: a sequence may part
+    only where `want`'s two best tokens were within NEAR_TIE and `got` took the second; after that
+    the contexts differ and the rest is not compared."""
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert len(g.token_ids) == len(w.token_ids)
+        for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)):
+            if a != b:
+                (best, lp0), (second, lp1) = w.logprobs[i].top[:2]
+                assert b == best and a == second and lp0 - lp1 < NEAR_TIE, (i, a, b, w.logprobs[i].top)
+                break
 
 
 def test_engine_on_kernel_caches_matches_the_torch_path():
@@ -209,7 +231,7 @@ def test_engine_on_kernel_caches_matches_the_torch_path():
     runner.static_decode = StaticDecode(llm.model, runner.cfg, runner.device, capture=False)
     fast = _generate(llm, prompts)
     _set_caches(llm, QuantizedPagedKVCache, KVSpec(4))  # the same numbers without the kernel layout
-    assert fast == _generate(llm, prompts)
+    _assert_same_greedy(fast, _generate(llm, prompts))
 
 
 def test_decode_batches_above_the_graph_cap_run_eagerly(monkeypatch):
@@ -221,7 +243,7 @@ def test_decode_batches_above_the_graph_cap_run_eagerly(monkeypatch):
     assert runner.static_decode.max_batch == 4
     got = _generate(llm, prompts)  # decode batches of 10: eager (no bucket holds them)
     runner.static_decode = None
-    assert got == _generate(llm, prompts)
+    _assert_same_greedy(got, _generate(llm, prompts))
 
 
 def _set_caches(llm, cls, spec):
@@ -259,7 +281,7 @@ def test_cuda_graphs_replay_the_padded_decode(kw):
     assert eager.engine.runner.static_decode is None
     runner = eager.engine.runner
     runner.static_decode = StaticDecode(eager.model, runner.cfg, runner.device, capture=False)
-    assert _generate(graphs, prompts, 16) == _generate(eager, prompts, 16)
+    assert _tokens(_generate(graphs, prompts, 16)) == _tokens(_generate(eager, prompts, 16))
     assert set(static.graphs) == set(static.buckets)  # all captured at start-up
 
 
@@ -273,7 +295,7 @@ def test_cuda_graphs_match_the_eager_engine():
     graphs, eager = _llm("cuda", **kw), _llm("cuda", enforce_eager=True, **kw)
     out = _generate(graphs, prompts, 16)
     assert graphs.engine.runner.static_decode.graphs
-    assert out == _generate(eager, prompts, 16)
+    _assert_same_greedy(out, _generate(eager, prompts, 16))
 
 
 @pytest.mark.parametrize("lq,lk", [(1, 9), (5, 5), (4, 11)])
