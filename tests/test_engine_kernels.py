@@ -15,7 +15,8 @@ from lowbit.engine import model_runner  # noqa: E402
 from lowbit.engine.model_runner import HostBatch, StaticDecode, decode_buckets, prepare_inputs  # noqa: E402
 from lowbit.kernels import paged_attention, testing  # noqa: E402
 from lowbit.kernels.reference import at_slots  # noqa: E402
-from lowbit.layers.attention import causal_attention, fresh_attention  # noqa: E402
+from lowbit.layers.attention import (MAX_VIEW_RUNS, causal_attention, equal_length_runs,  # noqa: E402
+                                     fresh_attention)
 from lowbit.layers.context import AttentionContext, row_index  # noqa: E402
 from lowbit.quant.kv import kv_roundtrip  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
@@ -314,11 +315,19 @@ def test_causal_attention_aligns_queries_to_the_end_of_the_keys(lq, lk):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
-def test_fresh_attention_matches_float64(device):
-    """Ragged fresh prompts (GQA 4:2), each attending causally to itself: the padded SDPA path (CPU,
-    fp32) and varlen flash attention (CUDA, bf16), against softmax written out in float64."""
+@pytest.mark.parametrize("shape", ["ragged", "runs"])
+def test_fresh_attention_matches_float64(device, shape):
+    """Fresh prompts (GQA 4:2), each attending causally to itself, against softmax written out in
+    float64: ragged ones (the padded SDPA path on the CPU in fp32, varlen flash attention on CUDA in
+    bf16), and a run of equal-length prompts then a chunk (SDPA over views of the rows)."""
     g = testing.gen()
-    lens = [int(n) for n in torch.randint(1, 70, (5,), generator=g)] + [1, 64]
+    if shape == "ragged":
+        lens = [int(n) for n in torch.randint(1, 70, (5,), generator=g)] + [1, 64]
+        assert len(equal_length_runs(lens)) > MAX_VIEW_RUNS
+    else:
+        n, r = (int(x) for x in torch.randint(1, 70, (2,), generator=g))
+        lens = [n] * 4 + [r]
+        assert len(equal_length_runs(lens)) <= MAX_VIEW_RUNS
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t = sum(lens)
     q, k, v = (testing.randn((t, h, D), g, torch.float32) for h in (4, 2, 2))
@@ -339,3 +348,9 @@ def test_row_index_is_a_slice_for_one_run():
     assert row_index([(3, 5), (5, 9)], "cpu") == slice(3, 9)
     assert row_index([(0, 1)], "cpu") == slice(0, 1) and row_index([], "cpu") == slice(0, 0)
     assert torch.equal(row_index([(0, 2), (4, 5), (5, 6)], "cpu"), torch.tensor([0, 1, 4, 5]))
+
+
+def test_equal_length_runs():
+    assert equal_length_runs([4, 4, 4, 2]) == [(0, 3, 4), (12, 1, 2)]
+    assert equal_length_runs([3, 5, 5, 3]) == [(0, 1, 3), (3, 2, 5), (13, 1, 3)]
+    assert equal_length_runs([7]) == [(0, 1, 7)] and equal_length_runs([]) == []

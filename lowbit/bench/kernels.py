@@ -347,7 +347,8 @@ def sdpa_packed_prefill_case(model: str, seqs: int, q_len: int):
 def engine_prefill_case(model: str, seqs: int, q_len: int, bits: int):
     """A run() of the engine's prefill attention (`layers/attention.py`'s fresh-prompt path): the
     prompts' K/V written into the paged cache with the write's echo (what the cache now holds, no
-    read-back), then `fresh_attention` over the echo (varlen flash attention on CUDA). The write is
+    read-back), then `fresh_attention` over the echo (prompts of one length: SDPA over views of the
+    rows; ragged ones: varlen flash attention on CUDA). The write is
     in the time: every path pays it, the paged kernel's rows leave it out."""
     from lowbit.engine.kv_cache import make_kv_cache
     from lowbit.layers.attention import fresh_attention
@@ -532,7 +533,7 @@ def tables(result: dict, markdown: bool) -> str:
     if body:
         out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak); "
                 "SDPA packed: over the engine's [T, H, D] rows viewed per prompt; "
-                "engine: the layer's path (cache write with its echo, then varlen flash attention over the echo)",
+                "engine: the layer's path (cache write with its echo, then `fresh_attention` over the echo)",
                 table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine"], body)]
     def shape(r):
         return r["m"] if "m" in r else (r["batch"], r["ctx"]) if "batch" in r else (r["seqs"], r["q_len"])
