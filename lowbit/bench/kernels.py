@@ -178,7 +178,8 @@ def _sweeps(m: int) -> dict:
               W8A8Config(False, 64, 128, num_warps=4, num_stages=4), W8A8Config(False, 128, 256, num_warps=8, num_stages=3)]
         w8 += [TmaConfig(), TmaConfig(warp_specialize=True), TmaConfig(block_m=64, num_warps=4, num_stages=4),
                TmaConfig(block_n=256, persistent=True), TmaConfig(block_n=256, persistent=True, warp_specialize=True),
-               TmaConfig(persistent=True, num_stages=4)]
+               TmaConfig(persistent=True, num_stages=4), TmaConfig(block_m=256, persistent=True),
+               TmaConfig(block_m=64, num_warps=4, num_stages=4, persistent=True)]
     return {"W4A8 g128": w4, "W8A8 int8": w8, "W8A8 fp8": w8 if m > 64 else [], "W4A16 g128": w4a16}
 
 
