@@ -1,4 +1,5 @@
 """W4A8 GEMM: reference vs float64, Triton (interpreted on the CPU, or on CUDA) vs reference."""
+import dataclasses
 import os
 
 import pytest
@@ -8,7 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lowbit.kernels import reference, testing  # noqa: E402
-from lowbit.kernels.w4a8 import W4A8Config, prepare_w4a8, w4a8_gemm_triton  # noqa: E402
+from lowbit.kernels.w4a8 import W4A8Config, default_config, prepare_w4a8, w4a8_gemm_triton  # noqa: E402
 from lowbit.quant.formats import pack_int4  # noqa: E402
 
 DEV = testing.triton_device()
@@ -68,9 +69,11 @@ def test_triton_matches_reference(m, n, k, grouped, cfg):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16, 64, 300])
+# the defaults, and at M <= 64 (above it the weight is widened) their tiles loaded through descriptors
+@pytest.mark.parametrize("m,tma", [(m, False) for m in (1, 16, 64, 300, 2048)] + [(m, True) for m in (1, 16, 64)])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_triton_cuda_model_shapes(m, grouped):
+def test_triton_cuda_model_shapes(m, tma, grouped):
+    cfg = dataclasses.replace(default_config(m), tma=True) if tma else None
     x_q, x_s, w, want = _case(m, 1024, 4096, grouped, testing.gen(), "cuda")
-    out = w4a8_gemm_triton(x_q, x_s, w)
+    out = w4a8_gemm_triton(x_q, x_s, w, cfg)
     assert testing.rel_err(out, want) < BOUND

@@ -76,7 +76,7 @@ def test_tma_config_falls_back_where_tma_cannot_run(n, k):
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16, 64, 300, 2048, 8192])
+@pytest.mark.parametrize("m", [1, 16, 64, 300, 700, 2048, 8192])  # every dispatch range of both dtypes
 @pytest.mark.parametrize("dtype", [torch.int8, FP8], ids=["int8", "fp8"])
 def test_dispatch_cuda_model_shapes(m, dtype):
     x_q, x_s, w, want = _case(m, 1024, 4096, dtype, testing.gen(), "cuda")
