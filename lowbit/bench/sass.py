@@ -126,7 +126,7 @@ def _w8a8_tma_preset(m: int, fp8: bool) -> Preset:
                  M="i32", N="i32", K="i32")
     return Preset(f"w8a8-tma-{'fp8' if fp8 else 'int8'}-m{m}", "lowbit.kernels.w8a8_tma:_w8a8_tma_kernel", types,
                   dict(FP8=fp8, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, GROUP_M=cfg.group_m,
-                       PROGRAMS=132 if cfg.persistent else 1, WS=cfg.warp_specialize, SPLIT_STORE=cfg.split_store),
+                       WS=cfg.warp_specialize, SPLIT_STORE=cfg.split_store),
                   cfg.num_warps, cfg.num_stages, (cfg.block_m + cfg.block_n) * cfg.block_k,
                   f"W8A8 {'fp8' if fp8 else 'int8'} GEMM through TMA, M = {m}, one K-step of {cfg.block_k} per iteration",
                   ("N", "K"))
