@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lowbit.kernels import reference, testing  # noqa: E402
-from lowbit.kernels.paged_attention import (DecodeConfig, kv_cache_write_triton,  # noqa: E402
+from lowbit.kernels.paged_attention import (DecodeConfig, decode_lanes, kv_cache_write_triton,  # noqa: E402
                                             paged_decode_attention_triton)
 from lowbit.quant.kv import kv_roundtrip  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
@@ -83,18 +83,18 @@ def _check_cache_write(bits, d, sign):
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
 
 
-def _decode_case(bits, d, seq_lens, g, device="cpu"):
+def _decode_case(bits, d, seq_lens, g, device="cpu", hq=HQ, hkv=HKV):
     """A cache of random codes, block tables of shuffled blocks with -1 holes past each end."""
     b = len(seq_lens)
     n_blocks = sum(-(-n // BS) for n in seq_lens) + 2
-    caches = _empty_cache(n_blocks, d, bits, g)
+    caches = testing.random_kv_cache(n_blocks, BS, hkv, d, bits, g)
     tables = testing.random_block_tables(seq_lens, BS, n_blocks, g)
-    q = testing.randn((b, HQ, d), g)
+    q = testing.randn((b, hq, d), g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = d ** -0.5
-    want = torch.empty(b, HQ, d, dtype=torch.float64)
+    want = torch.empty(b, hq, d, dtype=torch.float64)
     for i, n in enumerate(seq_lens):
-        k, v = (x.double().repeat_interleave(HQ // HKV, dim=1) for x in reference.cached_kv(*caches, tables[i], n, d))
+        k, v = (x.double().repeat_interleave(hq // hkv, dim=1) for x in reference.cached_kv(*caches, tables[i], n, d))
         p = torch.softmax(torch.einsum("hd,nhd->hn", q[i].double(), k) * scale, -1)
         want[i] = torch.einsum("hn,nhd->hd", p, v)
     args = [q, *caches, tables, lens]
@@ -117,6 +117,31 @@ def test_decode_triton_matches_reference(bits, seq_lens, splits):
     out = paged_decode_attention_triton(*args, scale, splits=splits)
     assert testing.rel_err(out, reference.paged_decode_attention(*args, scale)) < 1e-2
     assert testing.rel_err(out, want) < 1e-2  # fp16 query and probabilities in the MMAs
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("lanes", [1, 2, 16])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (9, 3), (16, 2), (32, 1)], ids=["gq1", "gq3", "gq8", "gq32"])
+@pytest.mark.parametrize("bits", [4, 16])
+def test_decode_lanes_match_float64(bits, hq, hkv, lanes):
+    """Each group size with 1 to 4+ lanes per head in the MMA rows (`decode_lanes`): lanes that see
+    no token of a step (3 tokens), ragged ends, a split of two steps (300 tokens, BN 64); a 16-bit
+    cache's slots past each end hold inf, which must not reach the other lanes' scores."""
+    args, scale, want = _decode_case(bits, 64, [3, 17, 300], testing.gen(), DEV, hq, hkv)
+    if bits == 16:
+        k_cache, v_cache, tables, lens = args[1], args[2], args[5], args[6]
+        for i, n in enumerate(lens.tolist()):
+            last = int(tables[i, (n - 1) // BS])
+            k_cache[last, :, (n - 1) % BS + 1:] = float("inf")
+            v_cache[last, :, (n - 1) % BS + 1:] = float("inf")
+    out = paged_decode_attention_triton(*args, scale, splits=2, config=DecodeConfig(block_n=64, lanes=lanes))
+    assert testing.rel_err(out, want) < 1e-2
+
+
+def test_decode_lanes_fill_the_rows():
+    assert [decode_lanes(gq, 16, 128, 16) for gq in (1, 3, 4, 8, 16, 32)] == [8, 4, 4, 2, 1, 1]
+    assert decode_lanes(4, 16, 128, 1) == 1 and decode_lanes(4, 16, 128, 3) == 2  # at most `most`, a power of 2
+    assert decode_lanes(4, 2, 128, 16) == 2 and decode_lanes(4, 16, 32, 16) == 2  # <= block size, >= 16 per step
 
 
 def test_cache_layout_is_head_major():

@@ -278,7 +278,9 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
         # the defaults differ per width (default_decode_config): DecodeConfig() is KV8 without its register cap
         for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(block_n=64, num_stages=4, waves=8),
                     DecodeConfig(num_warps=8), DecodeConfig(block_n=256, num_warps=8), DecodeConfig(num_stages=2),
-                    DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8)):
+                    DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8),
+                    DecodeConfig(lanes=16), DecodeConfig(lanes=16, waves=8), DecodeConfig(lanes=2),
+                    DecodeConfig(lanes=16, block_n=256, num_warps=8), DecodeConfig(lanes=16, num_stages=2)):
             for bits in (8, 4):
                 builders[f"KV{bits} paged [{_label(cfg)}]"] = \
                     lambda bits=bits, cfg=cfg: paged_decode_case(model, batch, ctx, bits, cfg)

@@ -107,7 +107,9 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
-            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, ksz_ptr, krow, t_ok, qk_scale, BITS, ASM)
+            k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
+            k_z = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
+            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
         scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
         alpha = tl.math.exp2(m_i - m_new)
@@ -118,7 +120,9 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
         if BITS == 16:
             acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
-            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, vsz_ptr, krow, t_ok, BITS, ASM)
+            v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
+            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh
     tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
