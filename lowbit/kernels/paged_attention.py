@@ -13,11 +13,12 @@ are one contiguous run (int4, block size 16: 1 KB of codes), which the decode ke
 
 Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
 of the context); the group's query heads share each K/V tile. The MMA's rows are at least 16:
-with `lanes` (the int4 default), a GQ 4 group fills them four times over, each copy ("lane")
-scoring every fourth token, so the softmax runs on no padding rows (see the kernel's docstring). Codes enter fp16 MMAs without a
-conversion: a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left
-in place, gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two
-codes per 32-bit op. Scale and zero are folded out per token:
+with `lanes` (an option: fewer instructions, yet slower on the H200, docs/benchmarks.md), a GQ 4
+group fills them four times over, each copy ("lane") scoring every fourth token, so the softmax
+runs on no padding rows (see the kernel's docstring). Codes enter fp16 MMAs without a conversion:
+a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
+gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
+32-bit op. Scale and zero are folded out per token:
 `score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way; the
 MMA's accumulator starts at `-1024 sum(q)`, and scores are kept in log2 units (exp2). A 16-bit
 cache enters the MMAs as it is (query and probabilities in its dtype). Long contexts are split
@@ -51,8 +52,9 @@ class DecodeConfig:
 
 
 # per cache width: 16-bit tiles are 2-4x larger (half the tokens per step); KV8 capped at 128
-# registers runs 3 programs per SM instead of 2, 15% faster at batch 2048 on the H200 (KV4 gains nothing)
-_DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(maxnreg=128), 4: DecodeConfig(lanes=16)}
+# registers runs 3 programs per SM instead of 2, 15% faster at batch 2048 on the H200 (KV4 gains nothing);
+# KV4 with 8 programs' worth of splits per SM: 7% faster at batch 64 x 4k, the same at batch 2048
+_DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(maxnreg=128), 4: DecodeConfig(waves=8)}
 
 
 def default_decode_config(bits: int) -> DecodeConfig:
