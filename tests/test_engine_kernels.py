@@ -15,9 +15,9 @@ from lowbit.engine import model_runner  # noqa: E402
 from lowbit.engine.model_runner import HostBatch, StaticDecode, decode_buckets, prepare_inputs  # noqa: E402
 from lowbit.kernels import paged_attention, testing  # noqa: E402
 from lowbit.kernels.reference import at_slots  # noqa: E402
-from lowbit.layers.attention import (MAX_VIEW_RUNS, causal_attention, equal_length_runs,  # noqa: E402
-                                     fresh_attention)
-from lowbit.layers.context import AttentionContext, row_index  # noqa: E402
+from lowbit.layers.attention import causal_attention, fresh_attention  # noqa: E402
+from lowbit.layers.context import (FRESH_SHAPES, MAX_VIEW_RUNS, AttentionContext, ShapeHistory,  # noqa: E402
+                                   equal_length_runs, row_index)
 from lowbit.quant.kv import kv_roundtrip  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
 
@@ -319,20 +319,18 @@ def test_causal_attention_aligns_queries_to_the_end_of_the_keys(lq, lk):
 def test_fresh_attention_matches_float64(device, shape):
     """Fresh prompts (GQA 4:2), each attending causally to itself, against softmax written out in
     float64: ragged ones (the padded SDPA path on the CPU in fp32, varlen flash attention on CUDA in
-    bf16), and a run of equal-length prompts then a chunk (SDPA over views of the rows)."""
+    bf16), and a run of equal-length prompts then a chunk (SDPA over views of the rows; on CUDA in
+    steps enough for the run's shape to become `planned`, cuDNN allowed, while the chunk's is not)."""
     g = testing.gen()
     if shape == "ragged":
         lens = [int(n) for n in torch.randint(1, 70, (5,), generator=g)] + [1, 64]
         assert len(equal_length_runs(lens)) > MAX_VIEW_RUNS
     else:
-        n, r = (int(x) for x in torch.randint(1, 70, (2,), generator=g))
-        lens = [n] * 4 + [r]
+        lens = [37] * 4 + [20]
         assert len(equal_length_runs(lens)) <= MAX_VIEW_RUNS
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t = sum(lens)
     q, k, v = (testing.randn((t, h, D), g, torch.float32) for h in (4, 2, 2))
-    ctx = AttentionContext.cacheless(lens, device)
-    got = fresh_attention(*(x.to(device, dtype) for x in (q, k, v)), ctx, 0.3).cpu()
     want = torch.empty(t, 4, D, dtype=torch.float64)
     start = 0
     for n in lens:
@@ -341,7 +339,30 @@ def test_fresh_attention_matches_float64(device, shape):
                 keys, vals = k[start:start + i + 1, h // 2].double(), v[start:start + i + 1, h // 2].double()
                 want[start + i, h] = torch.softmax(0.3 * keys @ q[start + i, h].double(), 0) @ vals
         start += n
-    assert testing.rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    steps = FRESH_SHAPES.recur + 2 if device == "cuda" and shape == "runs" else 1
+    for step in range(steps):
+        if step == steps - 1 and steps > 1:  # a new chunk length: its run unplanned, the batch's planned
+            lens[-1] -= 1  # (a causal prefix: the same reference rows)
+            want, q, k, v = (x[:sum(lens)] for x in (want, q, k, v))
+        ctx = AttentionContext.cacheless(lens, device)
+        plans = [True] if shape == "ragged" or device == "cuda" else [True, False]
+        for planned in plans:  # on the CPU, also the unplanned runs' backends
+            if not planned:
+                ctx.fresh_runs = [run[:3] + (False,) for run in ctx.fresh_runs]
+            got = fresh_attention(*(x.to(device, dtype) for x in (q, k, v)), ctx, 0.3).cpu()
+            assert testing.rel_err(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_shape_history_plans_shapes_that_recur():
+    """A shape is planned once it has come in `recur` earlier steps, counted once a step (the context's
+    runs are cached); others stay unplanned; past `most` shapes the history starts over."""
+    h = ShapeHistory(recur=2, most=3)
+    assert [h.planned((16, 1024)) for _ in range(4)] == [False, False, True, True]
+    assert h.planned((1, 300)) is False and h.planned((1, 301)) is False
+    assert h.planned((1, 302)) is False and h.steps == {(1, 302): 1}  # the fourth shape: started over
+    ctx = AttentionContext.cacheless([5, 5, 3], "cpu")
+    assert ctx.fresh_runs == [(0, 2, 5, True), (10, 1, 3, True)]  # on the CPU no plan is built: all planned
+    assert AttentionContext.cacheless([5, 4, 3], "cpu").fresh_runs is None
 
 
 def test_row_index_is_a_slice_for_one_run():

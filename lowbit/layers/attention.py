@@ -4,17 +4,20 @@ The cache object (`engine/kv_cache.py`) owns the storage format: it quantizes on
 dequantizes on `read` / `gather`, so this layer is the same for bf16, int8, int4 and fp8 caches.
 Sequences with one new token run the cache's decode kernel together (when it has one); fresh prompts
 (nothing cached before them) attend together over their K/V as the cache holds them (echoed by
-the write, so nothing is read back): SDPA over views of runs of equal length, else varlen flash
-attention on CUDA, padded SDPA elsewhere; chunks over a cached context run the cache's prefill kernel together (the kernel-layout
-caches on CUDA), or one sequence at a time over what the cache hands back.
+the write, so nothing is read back): SDPA over views of runs of equal length (cuDNN only for shapes
+that recur, `layers/context.py`), else varlen flash attention on CUDA, padded SDPA elsewhere; chunks
+over a cached context run the cache's prefill kernel together (the kernel-layout caches on CUDA), or
+one sequence at a time over what the cache hands back.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 try:
@@ -76,28 +79,18 @@ def _varlen_kwargs() -> dict | None:
 _VARLEN = _varlen_kwargs()
 
 
-MAX_VIEW_RUNS = 2  # runs of equal-length prompts worth one SDPA call each rather than one varlen call
-
-
-def equal_length_runs(lens: list[int]) -> list[tuple[int, int, int]]:
-    """Consecutive sequences of one length: (first row, sequences, length) for each run."""
-    runs, row = [], 0
-    for n in lens:
-        if runs and runs[-1][2] == n:
-            runs[-1][1] += 1
-        else:
-            runs.append([row, 1, n])
-        row += n
-    return [tuple(r) for r in runs]
+_UNPLANNED = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 def _run_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, run, scale: float):
     """One SDPA call over a run of equal-length sequences, their packed rows viewed `[B, H, L, D]`
-    (no copy in); the result lands in its rows of `out`."""
-    start, b, n = run
+    (no copy in); the result lands in its rows of `out`. A run whose shape is not `planned`
+    (`ShapeHistory`) keeps cuDNN out, so no execution plan is built for it."""
+    start, b, n, planned = run
     rows = slice(start, start + b * n)
     qv, kv, vv = (x[rows].view(b, n, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
-    o = F.scaled_dot_product_attention(qv, kv, vv, is_causal=True, scale=scale, enable_gqa=True)
+    with contextlib.nullcontext() if planned else sdpa_kernel(_UNPLANNED):
+        o = F.scaled_dot_product_attention(qv, kv, vv, is_causal=True, scale=scale, enable_gqa=True)
     out[rows].view(b, n, *q.shape[1:]).copy_(o.transpose(1, 2))
 
 
@@ -107,10 +100,11 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atte
     k, v `[T, Hkv, D]`), each attending causally to itself. Where they are at most MAX_VIEW_RUNS runs
     of equal length (a batch of same-length prompts and a chunk), one SDPA call per run over views of
     the rows: on the H200 cuDNN's kernel took 337 us for 16 prompts of 1024 where varlen flash attention
-    took about 590 (docs/benchmarks.md). Otherwise, on CUDA in 16 bits, flash attention over the packed
-    rows (`varlen_attn`: no padding, GQA in the kernel); elsewhere one padded SDPA call."""
-    runs = equal_length_runs(ctx.fresh_lens)
-    if len(runs) <= MAX_VIEW_RUNS:
+    took about 590 (docs/benchmarks.md), for shapes that recur (`ShapeHistory`). Otherwise, on CUDA in
+    16 bits, flash attention over the packed rows (`varlen_attn`: no padding, GQA in the kernel);
+    elsewhere one padded SDPA call."""
+    runs = ctx.fresh_runs
+    if runs is not None:
         out = torch.empty_like(q)
         for run in runs:
             _run_attention(q, k, v, out, run, scale)

@@ -18,6 +18,46 @@ def padding_index(lens: list[int], device) -> torch.Tensor:
     return to_device([b * n + i for b, m in enumerate(lens) for i in range(m)], torch.long, device)
 
 
+MAX_VIEW_RUNS = 2  # runs of equal-length prompts worth one SDPA call each rather than one varlen call
+
+
+def equal_length_runs(lens: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive sequences of one length: (first row, sequences, length) for each run."""
+    runs, row = [], 0
+    for n in lens:
+        if runs and runs[-1][2] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([row, 1, n])
+        row += n
+    return [tuple(r) for r in runs]
+
+
+class ShapeHistory:
+    """In how many steps each (sequences, length) shape of a run of fresh prompts has come.
+
+    cuDNN, SDPA's first choice on Hopper, builds an execution plan the first time it meets a shape
+    (tens of ms or more); its kernel is then faster than flash attention (337 against about 590 us for
+    16 prompts of 1024 on the H200). That pays for a shape that keeps coming (a batch of equal prompts)
+    and not for one that comes once (a chunk's length, new each step; the likely cause of the fp8
+    1024/512 run losing 3-4% when every run went to cuDNN, docs/benchmarks.md). A shape is `planned`
+    once it has come in `recur` earlier steps. At most `most` shapes are kept (then it starts over)."""
+
+    def __init__(self, recur: int = 4, most: int = 4096):
+        self.recur, self.most, self.steps = recur, most, {}
+
+    def planned(self, shape: tuple[int, int]) -> bool:
+        """Count one more step with `shape`; whether it had come in `recur` steps before this one."""
+        if shape not in self.steps and len(self.steps) >= self.most:
+            self.steps.clear()
+        seen = self.steps.get(shape, 0)
+        self.steps[shape] = seen + 1
+        return seen >= self.recur
+
+
+FRESH_SHAPES = ShapeHistory()
+
+
 def row_index(spans: list[tuple[int, int]], device) -> slice | torch.Tensor:
     """The rows of half-open `spans` (in order) as an index: a slice when they are one run (a view,
     no gather or scatter), else int64 `[n]` on `device`."""
@@ -70,6 +110,17 @@ class AttentionContext:
     def fresh_pad(self) -> torch.Tensor:
         """`padding_index(fresh_lens)`, for attention over the fresh sequences padded to the longest."""
         return padding_index(self.fresh_lens, self.cu_seqlens_q.device)
+
+    @cached_property
+    def fresh_runs(self) -> list[tuple[int, int, int, bool]] | None:
+        """The fresh sequences as runs of one length (`equal_length_runs`), each with whether SDPA may
+        plan a kernel for its shape (on CUDA: `FRESH_SHAPES`, counted once a step); None above
+        MAX_VIEW_RUNS runs."""
+        runs = equal_length_runs(self.fresh_lens)
+        if len(runs) > MAX_VIEW_RUNS:
+            return None
+        cuda = self.cu_seqlens_q.device.type == "cuda"
+        return [(s, b, n, not cuda or FRESH_SHAPES.planned((b, n))) for s, b, n in runs]
 
     @cached_property
     def chunk_seqs(self) -> list[int]:
