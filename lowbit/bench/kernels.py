@@ -512,8 +512,10 @@ def tables(result: dict, markdown: bool) -> str:
                         [_fmt(_ratio(lin, dict(model=model, m=m), "W4A8 g128", "fp8 cuBLAS"), 2),
                          _fmt(_ratio(lin, dict(model=model, m=m), "W4A8 g128", "bf16 cuBLAS"), 2),
                          _fmt(w4 and w4["roof_pct"], 0)])
-    out = ["Linear: one layer's 4 GEMMs, us (GPU time under CUDA graphs, median)",
-           table(["model", "M"] + names + ["W4A8/fp8", "W4A8/bf16", "W4A8 %roof"], body)]
+    out = []
+    if lin:
+        out += ["Linear: one layer's 4 GEMMs, us (GPU time under CUDA graphs, median)",
+                table(["model", "M"] + names + ["W4A8/fp8", "W4A8/bf16", "W4A8 %roof"], body)]
     att = result["attention"]
     body = []
     for r in att:
@@ -525,9 +527,10 @@ def tables(result: dict, markdown: bool) -> str:
                      for n in ("SDPA bf16", "KV8 paged", "KV4 paged")] +
                     [_fmt(r["us"] / rs["KV8 paged"]["us"], 2), _fmt(r["us"] / rs["KV4 paged"]["us"], 2),
                      _fmt(rs["KV4 paged"]["roof_pct"], 0)])
-    out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
-            table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA",
-                   "KV4 %copy BW"], body)]
+    if body:
+        out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
+                table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA",
+                       "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []
     names = ("SDPA bf16", "SDPA packed", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
@@ -568,10 +571,14 @@ def tables(result: dict, markdown: bool) -> str:
     out += ["", "Targets", table(["target", "config", "want", "got", "met"],
                                  [[t["target"], t["config"], t["want"], _fmt(t["got"], 2), "yes" if t["met"] else "no"]
                                   for t in result["targets"]])]
-    if markdown:
+    if markdown and lin:
         rows = [[r["model"], str(r["m"]), r["method"], _fmt(r.get("us")), _fmt(r.get("TFLOPs")),
                  _fmt(r.get("GBps")), _fmt(r.get("roof_pct"), 0), r.get("error", "")] for r in lin]
         out += ["", "All linear rows", table(["model", "M", "method", "us", "TFLOP/s", "GB/s", "% roof", "error"], rows)]
+    if markdown and any(" [" in r["method"] for r in att):
+        rows = [[str(r["batch"]), str(r["ctx"]), r["method"], _fmt(r.get("us")), _fmt(r.get("GBps") and r["GBps"] / 1e3, 2),
+                 _fmt(r.get("roof_pct"), 0)] for r in att]
+        out += ["", "All decode attention rows", table(["batch", "ctx", "method", "us", "TB/s", "% copy BW"], rows)]
     return "\n".join(out)
 
 
