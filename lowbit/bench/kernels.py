@@ -270,8 +270,11 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     m = MODELS[model]
     hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     rows = []
-    per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2}
-    builders = {"KV8 paged": lambda: paged_decode_case(model, batch, ctx, 8),
+    per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2,
+                 "bf16 paged": 2 * hkv * d * 2}
+    # bf16 paged: our kernel over a 16-bit cache, the decode path of the bf16 and fp8 recipes
+    builders = {"bf16 paged": lambda: paged_decode_case(model, batch, ctx, 16),
+                "KV8 paged": lambda: paged_decode_case(model, batch, ctx, 8),
                 "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
@@ -524,12 +527,12 @@ def tables(result: dict, markdown: bool) -> str:
         rs = {x["method"]: x for x in att if x["batch"] == r["batch"] and x["ctx"] == r["ctx"]}
         body.append([str(r["batch"]), str(r["ctx"])] +
                     [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['GBps'] / 1e3, 2)} TB/s)" if n in rs else "-"
-                     for n in ("SDPA bf16", "KV8 paged", "KV4 paged")] +
+                     for n in ("SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged")] +
                     [_fmt(r["us"] / rs["KV8 paged"]["us"], 2), _fmt(r["us"] / rs["KV4 paged"]["us"], 2),
                      _fmt(rs["KV4 paged"]["roof_pct"], 0)])
     if body:
         out += ["", "Decode attention, Llama-3-8B heads (32 q / 8 kv x 128), us (achieved bandwidth)",
-                table(["batch", "ctx", "SDPA bf16", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA",
+                table(["batch", "ctx", "SDPA bf16", "bf16 paged", "KV8 paged", "KV4 paged", "KV8/SDPA", "KV4/SDPA",
                        "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []
