@@ -19,11 +19,11 @@ runs on no padding rows (see the kernel's docstring). Codes enter fp16 MMAs with
 a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
 gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
 32-bit op. Scale and zero are folded out per token:
-`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`, and `p * s_v` weighs V the same way; the
-MMA's accumulator starts at `-1024 sum(q)`, and scores are kept in log2 units (exp2). A 16-bit
-cache enters the MMAs as it is (query and probabilities in its dtype). Long contexts are split
-across programs and merged by log-sum-exp (flash-decoding). `lowbit bench sass` counts the main
-loop's instructions (compiled for sm_90a without a GPU).
+`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`; V's zero comes off its codes in fp16 and
+`p * s_v` weighs its tokens; the QK MMA's accumulator starts at `-1024 sum(q)`, and scores are kept
+in log2 units (exp2). A 16-bit cache enters the MMAs as it is (query and probabilities in its
+dtype). Long contexts are split across programs and merged by log-sum-exp (flash-decoding).
+`lowbit bench sass` counts the main loop's instructions (compiled for sm_90a without a GPU).
 """
 from __future__ import annotations
 
@@ -295,17 +295,15 @@ def _lane_rows(x, GP: tl.constexpr):
 def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: tl.constexpr,
                  NJ: tl.constexpr = 1):
     """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
-    token and its zero subtracted per row; int4's high plane accumulates 16 (c - z) in acc_b.
-    v_s / v_z as k_s / k_z in `_code_scores`; with NJ > 1, p's columns are spread by `_lane_diagonal`."""
-    pv = (p * v_s).to(tl.float16)
-    pvf = pv.to(tl.float32)
-    pv = _lane_diagonal(pv, NJ)
+    token; int4's high plane accumulates 16 (c - z) in acc_b. v_s as k_s in `_code_scores`; v_z: each
+    value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small integers,
+    exact: the write's zeros are integer codes), so no per-row correction is summed across the tokens (a reduction across the warps).
+    With NJ > 1, p's columns are spread by `_lane_diagonal`."""
+    pv = _lane_diagonal((p * v_s).to(tl.float16), NJ)
     va, vb = _codes_fp16(vc, BITS, ASM, False)
-    corr = tl.sum(pvf * (v_z + 1024.0), 1)[:, None]
-    acc_a = acc_a * alpha[:, None] + tl.dot(pv, va) - corr
+    acc_a = acc_a * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
     if BITS == 4:
-        corr = tl.sum(pvf * (16.0 * v_z + 1024.0), 1)[:, None]
-        acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb) - corr
+        acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb - (16.0 * v_z + 1024.0).to(tl.float16))
     return acc_a, acc_b
 
 
@@ -388,9 +386,9 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
             acc_a = acc_a * alpha[:, None] + tl.dot(_lane_diagonal(p.to(vc.dtype), NJ), vc)
         else:
             v_s = _lane_rows(tl.load(vsz_ptr + row * 2), GP)
-            v_z = _lane_rows(tl.load(vsz_ptr + row * 2 + 1), GP)
-            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, tl.where(ok, v_s, 0.0), tl.where(ok, v_z, 0.0),
-                                        BITS, ASM, NJ)
+            v_rows = tl.reshape(row_g[:, None] + tl.arange(0, NJ)[None, :], [BN])  # vc's rows in order
+            v_z = tl.load(vsz_ptr + v_rows * 2 + 1)[:, None]  # finite: a row past the end has p = 0
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, tl.where(ok, v_s, 0.0), v_z, BITS, ASM, NJ)
     # merge the lanes of each head (log-sum-exp), then as one program's result
     m3 = tl.reshape(m_i, [GP, NJ])  # -inf: a lane that saw no token
     m_h = tl.max(m3, 1)

@@ -121,7 +121,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
             acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
             v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
-            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
+            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[:, None]
             acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh

@@ -96,13 +96,16 @@ def randn(shape, g: torch.Generator, dtype=torch.bfloat16, device="cpu") -> torc
 def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, bits: int, g: torch.Generator,
                     device="cpu"):
     """[k, v, k_sz, v_sz] of `paged_attention`'s layout filled with random bytes (so a slot that is
-    not written is noticed): codes and fp32 (scale, zero) pairs, or bf16 values and None (16 bits)."""
+    not written is noticed): codes and fp32 (scale, zero) pairs as the write makes them (the zero an
+    integer code), or bf16 values and None (16 bits)."""
     shape = (n_blocks, n_kv_heads, block_size)
     if bits == 16:
         return [randn((*shape, head_dim), g, device=device) for _ in range(2)] + [None, None]
     width = head_dim // 2 if bits == 4 else head_dim
-    return ([randint(0, 255, (*shape, width), g, torch.uint8, device) for _ in range(2)]
-            + [randscale((*shape, 2), g, 1.0, device) for _ in range(2)])
+    codes = [randint(0, 255, (*shape, width), g, torch.uint8, device) for _ in range(2)]
+    sz = [torch.stack((randscale(shape, g, 1.0, device), randint(0, (1 << bits) - 1, shape, g, torch.float32, device)), -1)
+          for _ in range(2)]
+    return codes + sz
 
 
 def random_block_tables(seq_lens: list[int], block_size: int, n_blocks: int, g: torch.Generator) -> torch.Tensor:
