@@ -115,8 +115,9 @@ def test_decode_reference_matches_float64(bits, seq_lens):
 def test_decode_triton_matches_reference(bits, seq_lens, splits):
     args, scale, want = _decode_case(bits, 64, seq_lens, testing.gen(), DEV)
     out = paged_decode_attention_triton(*args, scale, splits=splits)
-    assert testing.rel_err(out, reference.paged_decode_attention(*args, scale)) < 1e-2
-    assert testing.rel_err(out, want) < 1e-2  # fp16 query and probabilities in the MMAs
+    assert testing.rel_err(out, reference.paged_decode_attention(*args, scale)) < 5e-3
+    # fp16 query and probabilities in the MMAs: about 2e-3; int4's high plane one zero step off: 5e-3+
+    assert testing.rel_err(out, want) < 3.5e-3
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")

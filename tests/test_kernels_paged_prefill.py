@@ -66,7 +66,8 @@ def test_prefill_triton_matches_float64(bits, case, heads):
     spans, listed = CASES[case]
     args, max_q, scale, out, want = _case(bits, 64, *heads, spans, listed, testing.gen(), DEV)
     got = paged_prefill_attention_triton(*args, max_q, scale, out.clone(), config=SMALL)
-    assert testing.rel_err(got, want) < 1e-2  # fp16 query and probabilities in the MMAs
+    # fp16 query and probabilities in the MMAs: about 2e-3; int4's high plane one zero step off: 7e-3+
+    assert testing.rel_err(got, want) < 3.5e-3
     unlisted = torch.ones(got.shape[0], dtype=torch.bool)
     cu = args[-2].tolist()
     for i in listed:

@@ -296,9 +296,10 @@ def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: 
                  NJ: tl.constexpr = 1):
     """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
     token; int4's high plane accumulates 16 (c - z) in acc_b. v_s as k_s in `_code_scores`; v_z: each
-    value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small integers,
-    exact: the write's zeros are integer codes), so no per-row correction is summed across the tokens (a reduction across the warps).
-    With NJ > 1, p's columns are spread by `_lane_diagonal`."""
+    value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small
+    integers, exact, since the write's zeros are integer codes), so no per-row correction is summed
+    across the tokens (a reduction across the warps). With NJ > 1, p's columns are spread by
+    `_lane_diagonal`."""
     pv = _lane_diagonal((p * v_s).to(tl.float16), NJ)
     va, vb = _codes_fp16(vc, BITS, ASM, False)
     acc_a = acc_a * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
