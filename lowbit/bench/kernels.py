@@ -279,13 +279,13 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
         # the defaults differ per width (default_decode_config): DecodeConfig() is KV8 without its register cap
-        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(block_n=64, num_stages=4, waves=8),
-                    DecodeConfig(num_warps=8), DecodeConfig(block_n=256, num_warps=8), DecodeConfig(num_stages=2),
+        # (2026-12-04 on the H200: 64-token steps, 8 warps and lanes were slower everywhere; docs/benchmarks.md)
+        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(num_stages=2),
                     DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8),
-                    DecodeConfig(waves=16), DecodeConfig(lanes=16), DecodeConfig(lanes=16, waves=8),
-                    # more programs per SM: 4 (64 tokens at 128 registers), 5 (at 96), 24 warps (8 warps at 80)
-                    DecodeConfig(block_n=64, maxnreg=128, waves=8), DecodeConfig(block_n=64, num_stages=2, maxnreg=96, waves=8),
-                    DecodeConfig(num_warps=8, maxnreg=80, waves=8)):
+                    DecodeConfig(waves=16), DecodeConfig(lanes=16),
+                    # one or two warps a program: row reductions within a warp, no barrier across warps
+                    DecodeConfig(block_n=32, num_warps=1, waves=16), DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
+                    DecodeConfig(block_n=64, num_warps=2, waves=8)):
             for bits in (8, 4):
                 builders[f"KV{bits} paged [{_label(cfg)}]"] = \
                     lambda bits=bits, cfg=cfg: paged_decode_case(model, batch, ctx, bits, cfg)
