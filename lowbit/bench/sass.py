@@ -49,7 +49,7 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     or that launch with a register cap (a config the benchmark's sweep times)."""
     import dataclasses
 
-    from lowbit.kernels.paged_attention import decode_lanes, default_decode_config
+    from lowbit.kernels.paged_attention import default_decode_config
 
     cfg = default_decode_config(bits)
     if maxnreg is not None:
@@ -64,7 +64,7 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
     return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
-                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, NJ=decode_lanes(4, 16, cfg.block_n, cfg.lanes), BN=cfg.block_n,
+                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
                        SPLITS=4, ASM=True),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
                   f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",

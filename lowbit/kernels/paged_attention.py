@@ -12,10 +12,8 @@ are one contiguous run (int4, block size 16: 1 KB of codes), which the decode ke
   fp16; the write also takes fp32), no scale and zero (None).
 
 Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
-of the context); the group's query heads share each K/V tile. The MMA's rows are at least 16:
-with `lanes` (an option: fewer instructions, yet slower on the H200, docs/benchmarks.md), a GQ 4
-group fills them four times over, each copy ("lane") scoring every fourth token, so the softmax
-runs on no padding rows (see the kernel's docstring). Codes enter fp16 MMAs without a conversion:
+of the context); the group's query heads share each K/V tile (padded to the MMA's 16 rows).
+Codes enter fp16 MMAs without a conversion:
 a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
 gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
 32-bit op. Scale and zero are folded out per token:
@@ -26,8 +24,6 @@ dtype). Long contexts are split across programs and merged by log-sum-exp (flash
 `lowbit bench sass` counts the main loop's instructions (compiled for sm_90a without a GPU).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -48,7 +44,6 @@ class DecodeConfig:
     waves: int = 4  # (sequence, head, split) programs per SM
     maxnreg: int | None = None  # cap on registers per thread (None: the compiler's choice); fewer
     # registers can fit more programs on an SM (KV8 at 128: 3 instead of 2, no spills in the SASS)
-    lanes: int = 1  # at most this many lanes per head in the MMA rows (`decode_lanes`)
 
 
 # per cache width: 16-bit tiles are 2-4x larger (half the tokens per step); KV8 capped at 128
@@ -97,14 +92,6 @@ def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo)
 
 
-def decode_lanes(gq: int, block_size: int, block_n: int, most: int) -> int:
-    """Lanes per head in the decode kernel's 16+ MMA rows: up to `most`, as many as fill them (GQ 4:
-    4, GQ 8: 2), each a divisor of the block size (a lane's tokens stay in one block), >= 16 groups a step."""
-    lanes = max(16, triton.next_power_of_2(gq)) // triton.next_power_of_2(gq)
-    lanes = min(lanes, max(1, block_n // 16), 1 << (max(1, most).bit_length() - 1))
-    return math.gcd(lanes, block_size)
-
-
 def decode_splits(batch: int, n_kv_heads: int, max_seq_len: int, device, waves: int) -> int:
     """Enough (sequence, head, split) programs for `waves` per SM, each >= MIN_SPLIT_TOKENS."""
     n_sm = sm_count(device) if device.type == "cuda" else 4
@@ -133,7 +120,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
     _paged_decode_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), per_split,
-        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=bh, NJ=decode_lanes(gq, bs, cfg.block_n, cfg.lanes), BN=cfg.block_n,
+        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=bh, BN=cfg.block_n,
         SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg)
     if splits > 1:
@@ -272,35 +259,13 @@ def _code_scores(raw_init, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS: tl.conste
 
 
 @triton.jit
-def _lane_diagonal(p, NJ: tl.constexpr):
-    """`[rows, n]` -> `[rows, n * NJ]`: column n * NJ + j holds p[r, n] where j = r % NJ, else 0.
-    Row r's lane j scores tokens n * NJ + j (the decode kernel's rows); the spread probabilities
-    meet the tile's values in token order."""
-    if NJ == 1:
-        return p
-    rows: tl.constexpr = p.shape[0]
-    cols: tl.constexpr = p.shape[1]
-    lane = tl.arange(0, rows) % NJ
-    spread = tl.where(lane[:, None, None] == tl.arange(0, NJ)[None, None, :], p[:, :, None], 0.0)
-    return tl.reshape(spread, [rows, cols * NJ])
-
-
-@triton.jit
-def _lane_rows(x, GP: tl.constexpr):
-    """`[NJ, n]` per lane -> `[GP * NJ, n]` per row (head r // NJ, lane r % NJ)."""
-    return tl.reshape(tl.broadcast_to(x[None, :, :], [GP, x.shape[0], x.shape[1]]), [GP * x.shape[0], x.shape[1]])
-
-
-@triton.jit
-def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: tl.constexpr,
-                 NJ: tl.constexpr = 1):
+def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: tl.constexpr):
     """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
     token; int4's high plane accumulates 16 (c - z) in acc_b. v_s as k_s in `_code_scores`; v_z: each
     value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small
     integers, exact, since the write's zeros are integer codes), so no per-row correction is summed
-    across the tokens (a reduction across the warps). With NJ > 1, p's columns are spread by
-    `_lane_diagonal`."""
-    pv = _lane_diagonal((p * v_s).to(tl.float16), NJ)
+    across the tokens (a reduction across the warps)."""
+    pv = (p * v_s).to(tl.float16)
     va, vb = _codes_fp16(vc, BITS, ASM, False)
     acc_a = acc_a * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
     if BITS == 4:
@@ -312,109 +277,86 @@ def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: 
 def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr,
                          plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
                          HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         BITS: tl.constexpr, BH: tl.constexpr, NJ: tl.constexpr, BN: tl.constexpr,
+                         BITS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                          SPLITS: tl.constexpr, ASM: tl.constexpr):
-    """Rows (head r // NJ, lane r % NJ): the MMA's 16 rows hold GQ heads NJ times, lane j scoring
-    tokens n * NJ + j of each step, so the softmax works on no padding rows (GQ 4: 16 rows, not 4
-    heads padded to 16). Lane j's query sits in the j-th head_dim block of a block-diagonal query
-    `[BH, NJ * DC]`, against keys read as `[BN / NJ, NJ * DC]`: NJ consecutive tokens per row, one
-    contiguous run of a block. Each lane keeps its own online softmax; lanes merge at the end."""
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
     DC: tl.constexpr = D // 2 if BITS == 4 else D  # cache elements per (token, head)
     STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
-    GP: tl.constexpr = BH // NJ  # head slots (GQ padded)
-    BG: tl.constexpr = BN // NJ  # groups of NJ consecutive tokens per step
-    KW: tl.constexpr = NJ * DC  # a group's cache elements
     seq_len = tl.load(sl_ptr + b)
     start = sp * per_split
     end = tl.minimum(start + per_split, seq_len)
-    offs_r = tl.arange(0, BH)
-    lane = offs_r % NJ
-    offs_k = tl.arange(0, KW)
-    offs_c = offs_k % DC
-    q_ok = ((offs_r // NJ)[:, None] < GQ) & ((offs_k // DC)[None, :] == lane[:, None])  # block diagonal
-    q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_r[:, None] // NJ) * stride_qh
+    offs_h = tl.arange(0, BH)
+    offs_c = tl.arange(0, DC)
+    h_ok = offs_h[:, None] < GQ
+    q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
+    # the same offsets through a `%`, which hides their contiguity from Triton: so the KV4 loop compiles
+    # to 168 registers (3 programs per SM), 190 (2) without it (Triton 3.6, `lowbit bench sass`)
+    offs_q = offs_c % DC
     if BITS == 16:  # the query in the cache's dtype
-        qa = tl.load(q_rows + offs_c[None, :], mask=q_ok, other=0.0).to(kc_ptr.dtype.element_ty)
+        qa = tl.load(q_rows + offs_q[None, :], mask=h_ok, other=0.0).to(kc_ptr.dtype.element_ty)
     else:
         # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
         # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
-        qa = tl.load(q_rows + STEP * offs_c[None, :], mask=q_ok, other=0.0).to(tl.float16)
+        qa = tl.load(q_rows + STEP * offs_q[None, :], mask=h_ok, other=0.0).to(tl.float16)
         qsum = tl.sum(qa.to(tl.float32), 1)
         q_1024 = 1024.0 * qsum  # q . 1024
         qb = qa  # int8 has one plane
         if BITS == 4:
-            qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=q_ok, other=0.0) / 16.0).to(tl.float16)
+            qb = (tl.load(q_rows + 2 * offs_q[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
             qb_sum = tl.sum(qb.to(tl.float32), 1)
             qsum += 16.0 * qb_sum
             q_1024 += 1024.0 * qb_sum
-        minus_q1024 = tl.zeros([BH, BG], tl.float32) - q_1024[:, None]  # the MMAs' accumulator init
+        minus_q1024 = tl.zeros([BH, BN], tl.float32) - q_1024[:, None]  # the MMAs' accumulator init
     m_i = tl.full([BH], float("-inf"), tl.float32)
     l_i = tl.zeros([BH], tl.float32)
     acc_a = tl.zeros([BH, DC], tl.float32)
     acc_b = tl.zeros([BH, DC], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
     for t0 in range(start, end, BN):
-        offs_g = t0 + NJ * tl.arange(0, BG)  # each group's first token
-        blk = tl.load(bt_ptr + b * stride_bt + offs_g // BS, mask=offs_g < end, other=0).to(tl.int64)
-        row_g = (blk * HKV + kvh) * BS + offs_g % BS  # NJ | BS: a group's tokens are rows row_g + j
-        if BITS == 16:  # values past the end may not be finite, and 0 * inf is no 0 in the MMA
-            g_ok = (offs_g[:, None] + (offs_k // DC)[None, :]) < end
-        else:  # whole groups: codes past the end (in the group's block) are finite, masked by `ok`
-            g_ok = (offs_g < end)[:, None]
-        kc = tl.load(kc_ptr + row_g[:, None] * DC + offs_k[None, :], mask=g_ok, other=0)
-        lanes = tl.arange(0, NJ)[:, None]
-        row = row_g[None, :] + lanes  # `[NJ, BG]`: lane j's cache rows
-        ok = _lane_rows((offs_g[None, :] + lanes) < end, GP)
+        offs_n = t0 + tl.arange(0, BN)
+        n_ok = offs_n < end
+        blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
+        row = (blk * HKV + kvh) * BS + offs_n % BS
+        kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
-            # unmasked: a group past the end reads block 0's (maybe not finite), `ok` masks the results
-            k_s = _lane_rows(tl.load(ksz_ptr + row * 2), GP)
-            k_z = _lane_rows(tl.load(ksz_ptr + row * 2 + 1), GP)
+            # unmasked: a token past the end reads block 0's (maybe not finite), `n_ok` masks the results
+            k_s = tl.load(ksz_ptr + row * 2)[None, :]
+            k_z = tl.load(ksz_ptr + row * 2 + 1)[None, :]
             scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
-        scores = tl.where(ok, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)  # a lane may have seen no token yet
-        alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(scores - m_ref[:, None])
+        scores = tl.where(n_ok[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: a step has at least one token
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        vc = tl.reshape(tl.load(vc_ptr + row_g[:, None] * DC + offs_k[None, :], mask=g_ok, other=0), [BN, DC])
+        # masked: a slot that is no token's may hold anything (16 bits: inf), and p's 0 times inf is
+        # no 0 in the MMA (past the end, K only reaches scores that are masked)
+        vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
-            acc_a = acc_a * alpha[:, None] + tl.dot(_lane_diagonal(p.to(vc.dtype), NJ), vc)
+            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
-            v_s = _lane_rows(tl.load(vsz_ptr + row * 2), GP)
-            v_rows = tl.reshape(row_g[:, None] + tl.arange(0, NJ)[None, :], [BN])  # vc's rows in order
-            v_z = tl.load(vsz_ptr + v_rows * 2 + 1)[:, None]  # finite: a row past the end has p = 0
-            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, tl.where(ok, v_s, 0.0), v_z, BITS, ASM, NJ)
-    # merge the lanes of each head (log-sum-exp), then as one program's result
-    m3 = tl.reshape(m_i, [GP, NJ])  # -inf: a lane that saw no token
-    m_h = tl.max(m3, 1)
-    w = tl.math.exp2(m3 - tl.where(m_h > float("-inf"), m_h, 0.0)[:, None])
-    l_h = tl.sum(w * tl.reshape(l_i, [GP, NJ]), 1)
-    o_a = tl.sum(w[:, :, None] * tl.reshape(acc_a, [GP, NJ, DC]), 1)
-    o_b = tl.sum(w[:, :, None] * tl.reshape(acc_b, [GP, NJ, DC]), 1)
-    has = l_h > 0  # an empty split has no tokens
-    inv_l = tl.where(has, 1.0 / tl.where(has, l_h, 1.0), 0.0)[:, None]
-    o_b = o_b / 16.0
-    offs_h = tl.arange(0, GP)
-    h_ok = offs_h[:, None] < GQ
-    offs_d = tl.arange(0, DC)
+            v_s = tl.where(n_ok, tl.load(vsz_ptr + row * 2), 0.0)[None, :]
+            v_z = tl.load(vsz_ptr + row * 2 + 1)[:, None]  # finite: a row past the end has p = 0
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
+    has = l_i > 0  # an empty split has no tokens
+    inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
+    acc_b = acc_b / 16.0
     heads = kvh * GQ + offs_h[:, None]
     if SPLITS == 1:
         o_rows = o_ptr + (b * HKV * GQ + heads) * D
-        tl.store(o_rows + STEP * offs_d[None, :], (o_a * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
+        tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
         if BITS == 4:
-            tl.store(o_rows + 2 * offs_d[None, :] + 1, (o_b * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
+            tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
     else:
         part = (b * HKV * GQ + heads) * SPLITS + sp
-        tl.store(po_ptr + part * D + STEP * offs_d[None, :], o_a * inv_l, mask=h_ok)
+        tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
         if BITS == 4:
-            tl.store(po_ptr + part * D + 2 * offs_d[None, :] + 1, o_b * inv_l, mask=h_ok)
-        lse = tl.where(has, (m_h + tl.math.log2(tl.where(has, l_h, 1.0))) * 0.6931471805599453, float("-inf"))
+            tl.store(po_ptr + part * D + 2 * offs_c[None, :] + 1, acc_b * inv_l, mask=h_ok)
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(plse_ptr + part, lse[:, None], mask=h_ok)
 
 
