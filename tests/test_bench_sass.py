@@ -60,3 +60,18 @@ def test_tma_gemm_compiles_to_tma_loads_feeding_wgmma(kernel, mma):
     mix = row["mix"]
     assert mix.get(mma, 0) > 0 and mix.get("UTMALDG", 0) > 0 and mix.get("UTMASTG", 0) > 0
     assert "LDGSTS" not in mix and row["spills"] == 0
+
+
+def test_decode_config_changes():
+    """`--decode-config` rebuilds the decode presets with the given fields (a preset's own changes
+    kept unless named), and refuses what is not an integer field of DecodeConfig."""
+    pytest.importorskip("triton")
+    from lowbit.bench.sass import _decode_preset, _int_fields, presets
+    from lowbit.errors import LowbitError
+
+    p = _decode_preset(4, **{**dict(presets()["decode-kv4-maxnreg128"].changes), **_int_fields(["block_n=32", "num_warps=1"])})
+    assert (p.constexprs["BN"], p.num_warps, p.maxnreg) == (32, 1, 128)
+    assert p.bytes_per_iter == 32 * 2 * (64 + 8)
+    for bad in (["bogus=1"], ["block_n=x"], ["block_n"]):
+        with pytest.raises(LowbitError, match="FIELD=INT"):
+            _int_fields(bad)

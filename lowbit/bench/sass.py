@@ -2,6 +2,7 @@
 
     python -m lowbit.bench sass                       # every preset, a table
     python -m lowbit.bench sass --kernel decode-kv4 --json
+    python -m lowbit.bench sass --kernel decode-kv4 --decode-config block_n=32 num_warps=1
 
 Triton compiles a kernel for a GPU it does not see (ptxas and cuobjdump ship with it), so the SASS
 of a change can be read without a GPU. For each innermost loop (a backward branch and the
@@ -41,19 +42,19 @@ class Preset:
     note: str
     aligned_ints: tuple = ()  # integer arguments that are multiples of 16 at the engine's shapes
     maxnreg: int | None = None  # the launch's cap on registers per thread
+    changes: tuple = ()  # (field, value) pairs of a decode preset's DecodeConfig beside the default
 
 
-def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
+def _decode_preset(bits: int, **config) -> Preset:
     """Llama-3-8B's attention (8 KV heads of 128, GQA 4) at the engine's block size 16, the launch
     `paged_decode_attention` makes on a CUDA device (its default DecodeConfig for the cache's width),
-    or that launch with a register cap (a config the benchmark's sweep times)."""
+    or that launch with some of the config's fields changed (`config`: the sweep's other configs)."""
     import dataclasses
 
     from lowbit.kernels.paged_attention import default_decode_config
 
-    cfg = default_decode_config(bits)
-    if maxnreg is not None:
-        cfg = dataclasses.replace(cfg, maxnreg=maxnreg)
+    cfg = dataclasses.replace(default_decode_config(bits), **config)
+    maxnreg = config.get("maxnreg")
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
     sz = "*fp32" if bits != 16 else "*bf16"
     types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
@@ -62,13 +63,14 @@ def _decode_preset(bits: int, maxnreg: int | None = None) -> Preset:
     d = 128
     per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
     name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
+    name += "".join(f" {k}={v}" for k, v in config.items() if k != "maxnreg")
     return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
                   dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
                        SPLITS=4, ASM=True),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
                   f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
-                  ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg)
+                  ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg, tuple(config.items()))
 
 
 def _prefill_preset(bits: int) -> Preset:
@@ -151,7 +153,7 @@ def _w4a16_preset(m: int) -> Preset:
 
 
 def presets() -> dict[str, Preset]:
-    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, 128),
+    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, maxnreg=128),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
                                 _w8a8_tma_preset(4096, False),
@@ -279,14 +281,36 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _int_fields(pairs: list[str]) -> dict[str, int]:
+    """`["block_n=32", ...]` -> {"block_n": 32, ...}; a clear error for anything else."""
+    from lowbit.kernels.paged_attention import DecodeConfig
+
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields or not value.lstrip("-").isdigit():
+            raise LowbitError(f"sass: --decode-config wants FIELD=INT with FIELD one of {sorted(fields)}, got {pair!r}")
+        out[key] = int(value)
+    return out
+
+
 def main(argv=None) -> None:
     known = presets()
     p = argparse.ArgumentParser(prog="lowbit bench sass", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kernel", action="append", choices=sorted(known), help="preset(s) to compile (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
+    p.add_argument("--decode-config", nargs="+", metavar="FIELD=INT",
+                   help="decode presets with these DecodeConfig fields changed, e.g. block_n=32 num_warps=1")
     args = p.parse_args(argv)
-    rows = [report(known[name]) for name in (args.kernel or sorted(known))]
+    names = args.kernel or sorted(known)
+    if args.decode_config:
+        changes = _int_fields(args.decode_config)
+        rows = [report(_decode_preset(known[n].constexprs["BITS"], **{**dict(known[n].changes), **changes})
+                       if n.startswith("decode-") else known[n]) for n in names]
+    else:
+        rows = [report(known[name]) for name in names]
     print(json.dumps(rows, indent=1) if args.json else render(rows))
 
 
