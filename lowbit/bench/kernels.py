@@ -165,6 +165,10 @@ def _sweeps(m: int) -> dict:
               for acc in (True, False) for bn in (64, 128) for waves in (2, 4, 8)]
         w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=bn, waves=waves, tma=True)
                for bn in (64, 128) for waves in (4, 8)]
+        # deeper pipelines: more weight bytes in flight (ncu: the loop waits on global loads); at M = 1,
+        # 6 stages 32 KB and 6 programs per SM, 8 stages 44 KB and 5 (`bench sass`), against 20 KB and 7
+        w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=64, waves=waves, num_stages=stages)
+               for stages in (6, 8) for waves in (4, 8)]
         if m == 64:
             w4 += [W4A8Config(swap=False, scale_acc=acc, block_m=64, block_n=128) for acc in (True, False)]
         w8 = [W8A8Config(True, bm, 128, waves=waves) for waves in (4, 8)]
