@@ -106,7 +106,6 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
     _, hkv, bs, _ = k_cache.shape
     bits = kv_bits(k_cache, d)
     gq = hq // hkv
-    bh = max(16, triton.next_power_of_2(gq))
     cfg = config or default_decode_config(bits)
     max_seq_len = max_seq_len or block_tables.shape[1] * bs
     splits = splits or decode_splits(b, hkv, max_seq_len, q.device, cfg.waves)
@@ -120,7 +119,7 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
     _paged_decode_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), per_split,
-        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=bh, BN=cfg.block_n,
+        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n,
         SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg)
     if splits > 1:
