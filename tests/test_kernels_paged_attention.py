@@ -160,8 +160,9 @@ def test_cache_layout_is_head_major():
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
-@pytest.mark.parametrize("config", [DecodeConfig(block_n=64, num_stages=2), DecodeConfig(maxnreg=128, waves=8)],
-                         ids=["bn64", "maxnreg128"])
+@pytest.mark.parametrize("config", [DecodeConfig(block_n=64, num_stages=2), DecodeConfig(maxnreg=128, waves=8),
+                                    DecodeConfig(block_n=64, num_warps=2, waves=8), DecodeConfig()],
+                         ids=["bn64", "maxnreg128", "two_warps", "four_warps"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_configs_the_sweep_times_match_float64(bits, config):
     args, scale, want = _decode_case(bits, 64, [17, 3, 300], testing.gen(), DEV)

@@ -282,7 +282,7 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                 "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
-        # the defaults differ per width (default_decode_config): DecodeConfig() is KV8 without its register cap
+        # the defaults differ per width (default_decode_config); DecodeConfig(): 4 warps, 128-token steps, no cap
         # (2026-12-04 on the H200: 64-token steps and 8 warps were slower everywhere; docs/benchmarks.md)
         for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(num_stages=2),
                     DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8),

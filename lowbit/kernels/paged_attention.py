@@ -46,10 +46,12 @@ class DecodeConfig:
     # registers can fit more programs on an SM (KV8 at 128: 3 instead of 2, no spills in the SASS)
 
 
-# per cache width: 16-bit tiles are 2-4x larger (half the tokens per step); KV8 capped at 128
-# registers runs 3 programs per SM instead of 2, 15% faster at batch 2048 on the H200 (KV4 gains nothing);
-# KV4 with 8 programs' worth of splits per SM: 7% faster at batch 64 x 4k, the same at batch 2048
-_DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(maxnreg=128), 4: DecodeConfig(waves=8)}
+# per cache width, from the sweep of 2026-12-04 on the H200 (docs/benchmarks.md): 16-bit tiles are 2-4x
+# larger (half the tokens per step); KV4 capped at 128 registers runs 4 programs per SM instead of 3 (no
+# spills): 11% faster at batch 64 x 4k, 7-8% at batch 2048; KV8 as one-warp programs (row reductions within
+# the warp, no barrier across warps) of 32-token steps: 7-8% faster at batch 64 x 4k and at batch 2048
+_DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(block_n=32, num_warps=1, waves=16, maxnreg=168),
+                   4: DecodeConfig(maxnreg=128)}
 
 
 def default_decode_config(bits: int) -> DecodeConfig:
