@@ -70,10 +70,14 @@ def test_triton_matches_reference(m, n, k, grouped, cfg):
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
 # the defaults, and at M <= 64 (above it the weight is widened) their tiles loaded through descriptors
-@pytest.mark.parametrize("m,tma", [(m, False) for m in (1, 16, 64, 300, 2048)] + [(m, True) for m in (1, 16, 64)])
+# or the other place for the group scale (on the weights, or on the partial sums)
+@pytest.mark.parametrize("m,change", [(m, "") for m in (1, 16, 64, 300, 2048)]
+                         + [(m, c) for m in (1, 16, 64) for c in ("tma", "scale_acc")])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_triton_cuda_model_shapes(m, tma, grouped):
-    cfg = dataclasses.replace(default_config(m), tma=True) if tma else None
+def test_triton_cuda_model_shapes(m, change, grouped):
+    cfg = default_config(m)
+    if change:
+        cfg = dataclasses.replace(cfg, **{change: not getattr(cfg, change)})
     x_q, x_s, w, want = _case(m, 1024, 4096, grouped, testing.gen(), "cuda")
     out = w4a8_gemm_triton(x_q, x_s, w, cfg)
     assert testing.rel_err(out, want) < BOUND

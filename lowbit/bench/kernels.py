@@ -161,14 +161,15 @@ def _sweeps(m: int) -> dict:
     w4a16 = [TileConfig(swap=True, block_m=bm, block_n=bn, num_stages=stages, waves=waves)
              for bn, stages, waves in ((128, 2, 2), (128, 3, 2), (64, 4, 2), (64, 2, 4))] if m <= 64 else []
     if m <= 64:
-        w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=bn, waves=waves)
-              for acc in (True, False) for bn in (64, 128) for waves in (2, 4, 8)]
-        w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=bn, waves=waves, tma=True)
-               for bn in (64, 128) for waves in (4, 8)]
-        # deeper pipelines: more weight bytes in flight (ncu: the loop waits on global loads); at M = 1,
-        # 6 stages 32 KB and 6 programs per SM, 8 stages 44 KB and 5 (`bench sass`), against 20 KB and 7
-        w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=64, waves=waves, num_stages=stages)
-               for stages in (6, 8) for waves in (4, 8)]
+        # scale_acc=False needs the group word in one layout only, so it is the config whose every load
+        # the pipeliner copies ahead (`bench sass`); while the group bytes were synchronous loads,
+        # 128-channel tiles and 6- or 8-stage pipelines were slower at every M (2026-12-04)
+        w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=64, waves=waves)
+              for acc in (True, False) for waves in (2, 4, 8)]
+        w4 += [W4A8Config(swap=True, scale_acc=False, block_m=bm, block_n=128, waves=waves) for waves in (2, 4)]
+        w4 += [W4A8Config(swap=True, scale_acc=False, block_m=bm, block_n=64, waves=4, num_stages=stages)
+               for stages in (3, 6)]
+        w4 += [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=64, waves=4, tma=True) for acc in (True, False)]
         if m == 64:
             w4 += [W4A8Config(swap=False, scale_acc=acc, block_m=64, block_n=128) for acc in (True, False)]
         w8 = [W8A8Config(True, bm, 128, waves=waves) for waves in (4, 8)]

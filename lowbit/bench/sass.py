@@ -102,15 +102,15 @@ def _w4a8_preset(m: int, tma: bool = False) -> Preset:
 
     cfg = default_config(m)
     x, w = ("*i8", "*u8") if not tma else (f"tensordesc<i8[{cfg.block_m}, 64]>", f"tensordesc<u8[{cfg.block_n}, 64]>")
-    types = dict(x_ptr=x, xs_ptr="*fp32", w_ptr=w, s1_ptr="*fp32", s2_ptr="*u8", z2_ptr="*u8",
+    types = dict(x_ptr=x, xs_ptr="*fp32", w_ptr=w, s1_ptr="*fp32", zs_ptr="*i32",
                  out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                  stride_xm="i32", stride_wn="i32", stride_om="i32")
-    # one K-step reads a group of 128 int4 codes and its scale and zero for each of BN channels from
+    # one K-step reads a group of 128 int4 codes and its zero and scale word for each of BN channels from
     # memory (the activations are re-read by every channel tile: from L2)
     return Preset(f"w4a8{'-tma' if tma else ''}-m{m}", "lowbit.kernels.w4a8:_w4a8_kernel", types,
                   dict(GROUPED=True, SWAP=cfg.swap, SCALE_ACC=cfg.scale_acc, BM=cfg.block_m, BN=cfg.block_n,
                        SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma),
-                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 2),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4),
                   f"W4A8 g128 GEMM, M = {m}, one group of 128 per iteration{', tiles by TMA' if tma else ''}",
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
@@ -141,13 +141,13 @@ def _w4a16_preset(m: int) -> Preset:
     from lowbit.kernels.w4a16 import default_config
 
     cfg = default_config(m)
-    types = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*fp32", z_ptr="*u8", out_ptr="*bf16", ws_ptr="*fp32",
+    types = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*fp32", z_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32",
                  lock_ptr="*i32", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_om="i32",
                  GROUP="i32")
     return Preset(f"w4a16-m{m}", "lowbit.kernels.w4a16:_w4a16_kernel", types,
                   dict(GROUP64=False, SWAP=cfg.swap, BM=cfg.block_m, BN=cfg.block_n, SPLIT_K=2, GROUP_M=cfg.group_m,
                        ASM=True),
-                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4 + 1),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4 + 4),
                   f"W4A16 g128 GEMM, M = {m}, 128 columns per iteration",
                   ("N", "K", "stride_xm", "stride_wn", "stride_om", "GROUP"))
 

@@ -204,7 +204,7 @@ def _bf16_pair(x, like):
 @triton.jit
 def int4_bf16(p, z_lo, s_lo, z_hi, s_hi, ASM: tl.constexpr):
     """uint8 tile of code pairs -> (low, high) bf16 weight tiles `(c - z) * bf16(s)`, the product
-    rounded once (z uint8, s fp32: one per row, `[BN, 1]`, for each plane)."""
+    rounded once (z uint8 or integer-valued fp32, s fp32: one per row, `[BN, 1]`, for each plane)."""
     if ASM:  # each row's bf16 pair built once, as one 32-bit value; impure: the weight's layout
         # change for the MMA then moves bf16 values (ldmatrix), not single bytes (see paged_attention)
         zl, zh = _bf16_pair(z_lo.to(tl.float32) + 128.0, p), _bf16_pair(z_hi.to(tl.float32) + 128.0, p)

@@ -20,10 +20,10 @@ def _per_group(t: torch.Tensor, group: int, k: int) -> torch.Tensor:
 def w4a8_weight(w) -> torch.Tensor:
     """The int8 weight `[N, K]` a `W4A8Weight` stands for (`q8`; times `s1` is the real weight)."""
     codes = unpack_halves(w.qweight)[:, :w.k].to(torch.int16)
-    if w.s2 is None:
+    if w.zs is None:
         return (codes - 8).to(torch.int8)
-    s2 = _per_group(w.s2, KBLOCK, w.k).to(torch.int16)
-    z2 = _per_group(w.z2, KBLOCK, w.k).to(torch.int16)
+    zs = _per_group(w.zs, KBLOCK, w.k)
+    s2, z2 = ((zs >> 8) & 0xFF).to(torch.int16), (zs & 0xFF).to(torch.int16)
     return ((codes - z2) * s2).to(torch.int8)
 
 

@@ -23,8 +23,10 @@ from lowbit.quant.formats import unpack_int4
 @dataclass
 class W4A16Weight:
     """qweight: uint8 `[N, Kp/2]`, unsigned codes in `common.KBLOCK` half-split order;
-    scales: fp32 `[n_groups, N]`; zeros: uint8 `[n_groups, N]`; group: K per scale (Kp for one
-    per channel); k: the true K. Signed codes are stored offset-binary with zero 8."""
+    scales, zeros: fp32 `[n_groups, N]` (zeros hold integer codes, in 4-byte words: Triton's pipeliner
+    copies a K-step's loads ahead with cp.async only from 4 bytes up, and every step waited on byte
+    loads); group: K per scale (Kp for one per channel); k: the true K. Signed codes are stored
+    offset-binary with zero 8."""
     qweight: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
@@ -70,7 +72,7 @@ def prepare_w4a16(qweight: torch.Tensor, k: int, scales: torch.Tensor,
         return torch.nn.functional.pad(t, (0, n_groups - t.shape[1])).t().contiguous()
 
     return W4A16Weight(pack_halves(codes), group_major(scales, torch.float32),
-                       group_major(zeros, torch.uint8), group, k)
+                       group_major(zeros, torch.float32), group, k)
 
 
 def default_config(m: int) -> TileConfig:
@@ -168,8 +170,8 @@ def _w4a16_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, stride_wn, stride_on,
     g_hi = (step * 128 + 64) // GROUP
     z_lo = tl.load(z_ptr + g_lo * N + offs_n, mask=n_ok, other=0)[:, None]
     z_hi = tl.load(z_ptr + g_hi * N + offs_n, mask=n_ok, other=0)[:, None]
-    lo, _ = int4_widen(p, z_lo, None, ASM)
-    _, hi = int4_widen(p, z_hi, None, ASM)
+    lo, _ = int4_widen(p, z_lo.to(tl.uint8), None, ASM)
+    _, hi = int4_widen(p, z_hi.to(tl.uint8), None, ASM)
     s_lo = tl.load(s_ptr + g_lo * N + offs_n, mask=n_ok, other=0.0)[:, None]
     s_hi = tl.load(s_ptr + g_hi * N + offs_n, mask=n_ok, other=0.0)[:, None]
     dst = out_ptr + offs_n[:, None] * stride_on + step * 128 + offs_h[None, :]

@@ -11,7 +11,8 @@ per-token and per-channel scales in the epilogue. Three switches:
   tokens its narrow side (16 and up): small M. Otherwise the weight goes through shared memory.
 - SCALE_ACC (QServe): MMA the zero-shifted codes and apply s2 to the int32 partial sum once per
   group, instead of multiplying every weight by s2 (cheaper per weight, but each group's MMA
-  must finish before its partial is scaled).
+  must finish before its partial is scaled, and the group word is wanted in the accumulator's
+  layout too, for which Triton re-loads it without the pipeline: one synchronous load a step).
 - TMA: the activation and packed-weight tiles arrive as bulk tensor copies instead of cp.async
   (in the small-M sweep; not a default until timed).
 Small M splits K across programs (one launch; see `common.store_tile`). Above 64 tokens the whole
@@ -38,13 +39,14 @@ class W4A8Weight:
     """A W4A8 weight in the kernels' layout (see `prepare_w4a8`).
 
     qweight: uint8 `[N, Kp/2]`, unsigned codes in `common.KBLOCK` half-split order (Kp = K padded);
-    s1: fp32 `[N]`; s2, z2: uint8 `[Kp/128, N]` (group-major, so a K-step reads them coalesced),
-    or None for per-channel int4 (codes offset by 8); k: the true K.
+    s1: fp32 `[N]`; zs: int32 `[Kp/128, N]`, each group's zero point z2 | scale s2 << 8, or None for
+    per-channel int4 (codes offset by 8); k: the true K. zs is group-major, so a K-step reads it
+    coalesced, and one 4-byte word, which Triton's pipeliner copies ahead with cp.async (4 bytes and
+    up): two byte loads were left synchronous, and every K-step waited on them (long scoreboard).
     """
     qweight: torch.Tensor
     s1: torch.Tensor
-    s2: torch.Tensor | None
-    z2: torch.Tensor | None
+    zs: torch.Tensor | None
     k: int
 
     @property
@@ -54,17 +56,16 @@ class W4A8Weight:
     @staticmethod
     def cat(parts: list["W4A8Weight"]) -> "W4A8Weight":
         """One weight whose output channels are the parts' in order (every tensor is per channel)."""
-        grouped = parts[0].s2 is not None
-        if any(p.k != parts[0].k or (p.s2 is not None) != grouped for p in parts):
+        grouped = parts[0].zs is not None
+        if any(p.k != parts[0].k or (p.zs is not None) != grouped for p in parts):
             raise ValueError("W4A8 weights of different K or format")
-        groups = (lambda name: torch.cat([getattr(p, name) for p in parts], 1)) if grouped else (lambda name: None)
         return W4A8Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.s1 for p in parts]),
-                          groups("s2"), groups("z2"), parts[0].k)
+                          torch.cat([p.zs for p in parts], 1) if grouped else None, parts[0].k)
 
     def rows(self, start: int, stop: int, part: "W4A8Weight") -> "W4A8Weight":
         """Output channels [start, stop) as views of this weight (`part`'s own group scales kept: they
         are small and a column slice of the group-major ones would not be contiguous)."""
-        return W4A8Weight(self.qweight[start:stop], self.s1[start:stop], part.s2, part.z2, self.k)
+        return W4A8Weight(self.qweight[start:stop], self.s1[start:stop], part.zs, self.k)
 
 
 def prepare_w4a8(qweight: torch.Tensor, k: int, s1: torch.Tensor, s2: torch.Tensor | None = None,
@@ -82,10 +83,10 @@ def prepare_w4a8(qweight: torch.Tensor, k: int, s1: torch.Tensor, s2: torch.Tens
         codes = (codes.to(torch.int16) + 8).to(torch.uint8)
     n_groups = cdiv(k, KBLOCK)
 
-    def group_major(t):
-        return None if t is None else t.to(torch.uint8)[:, :n_groups].t().contiguous()
-
-    return W4A8Weight(pack_halves(codes), s1.float().contiguous(), group_major(s2), group_major(z2), k)
+    zs = None
+    if grouped:
+        zs = (z2.to(torch.int32) | (s2.to(torch.int32) << 8))[:, :n_groups].t().contiguous()
+    return W4A8Weight(pack_halves(codes), s1.float().contiguous(), zs, k)
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,9 @@ def w4a8_widen(w: W4A8Weight) -> torch.Tensor:
     """The int8 weight `[N, Kp]` (columns past K are padding): a scratch copy for large M."""
     n, kh = w.qweight.shape
     out = torch.empty(n, 2 * kh, dtype=torch.int8, device=w.qweight.device)
-    grouped = w.s2 is not None
+    grouped = w.zs is not None
     _w4a8_widen_kernel[(cdiv(n, 64), kh // 64)](
-        w.qweight, w.s2 if grouped else w.qweight, w.z2 if grouped else w.qweight, out, n,
+        w.qweight, w.zs if grouped else w.qweight, out, n,
         w.qweight.stride(0), out.stride(0), GROUPED=grouped, BN=64, ASM=w.qweight.is_cuda, num_warps=4)
     return out
 
@@ -129,9 +130,8 @@ def w4a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight,
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = split_k(cfg.split_k, tiles, cdiv(k, KBLOCK), x_q.device, cfg.waves)
     ws, locks = splitk_buffers(x_q.device, split * m * n if split > 1 else 0, tiles)
-    grouped = w.s2 is not None
-    s2 = w.s2 if grouped else w.s1  # placeholders the kernel never reads
-    z2 = w.z2 if grouped else w.s1
+    grouped = w.zs is not None
+    zs = w.zs if grouped else w.s1  # a placeholder the kernel never reads
     x_in, w_in = x_q, w.qweight
     tma = cfg.tma and tma_ok(x_q, w.qweight)
     if tma:
@@ -139,7 +139,7 @@ def w4a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight,
         x_in = TensorDescriptor.from_tensor(x_q, [cfg.block_m, KBLOCK // 2])
         w_in = TensorDescriptor.from_tensor(w.qweight, [cfg.block_n, KBLOCK // 2])
     _w4a8_kernel[(tiles, split)](
-        x_in, x_scale, w_in, w.s1, s2, z2, out, ws, locks, m, n, k,
+        x_in, x_scale, w_in, w.s1, zs, out, ws, locks, m, n, k,
         x_q.stride(0), w.qweight.stride(0), out.stride(0),
         GROUPED=grouped, SWAP=cfg.swap, SCALE_ACC=grouped and cfg.scale_acc, BM=cfg.block_m,
         BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda, TMA=tma,
@@ -155,7 +155,7 @@ def w4a8_gemm(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight) -> torch.
 
 
 @triton.jit
-def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, s2_ptr, z2_ptr, out_ptr, ws_ptr, lock_ptr,
+def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, zs_ptr, out_ptr, ws_ptr, lock_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om,
                  GROUPED: tl.constexpr, SWAP: tl.constexpr, SCALE_ACC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -177,8 +177,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, s2_ptr, z2_ptr, out_ptr, ws_ptr, 
         else:
             a_lo, a_hi, p = load_kblock(x_ptr, w_ptr, stride_xm, stride_wn, offs_m, offs_n, step, M, N, K)
         if GROUPED:
-            z = tl.load(z2_ptr + step * N + offs_n, mask=n_ok, other=0)
-            s = tl.load(s2_ptr + step * N + offs_n, mask=n_ok, other=0)
+            z, s = _group_bytes(zs_ptr + step * N + offs_n, n_ok)
             if SCALE_ACC:
                 lo, hi = int4_widen(p, z[:, None], None, ASM)
             else:
@@ -206,7 +205,14 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, s2_ptr, z2_ptr, out_ptr, ws_ptr, 
 
 
 @triton.jit
-def _w4a8_widen_kernel(w_ptr, s2_ptr, z2_ptr, out_ptr, N, stride_wn, stride_on,
+def _group_bytes(ptrs, ok):
+    """The zero points and scales (uint8) of a K-step's group for the channels at `ptrs` (into zs)."""
+    zs = tl.load(ptrs, mask=ok, other=0)
+    return (zs & 0xFF).to(tl.uint8), ((zs >> 8) & 0xFF).to(tl.uint8)
+
+
+@triton.jit
+def _w4a8_widen_kernel(w_ptr, zs_ptr, out_ptr, N, stride_wn, stride_on,
                        GROUPED: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
     step = tl.program_id(1)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -214,9 +220,8 @@ def _w4a8_widen_kernel(w_ptr, s2_ptr, z2_ptr, out_ptr, N, stride_wn, stride_on,
     ok = offs_n[:, None] < N
     p = tl.load(w_ptr + offs_n[:, None] * stride_wn + step * 64 + offs_h[None, :], mask=ok, other=0)
     if GROUPED:
-        z = tl.load(z2_ptr + step * N + offs_n, mask=offs_n < N, other=0)[:, None]
-        s = tl.load(s2_ptr + step * N + offs_n, mask=offs_n < N, other=0)[:, None]
-        lo, hi = int4_widen(p, z, s, ASM)
+        z, s = _group_bytes(zs_ptr + step * N + offs_n, offs_n < N)
+        lo, hi = int4_widen(p, z[:, None], s[:, None], ASM)
     else:
         lo, hi = int4_widen(p, tl.full([BN, 1], 8, tl.uint8), None, ASM)
     dst = out_ptr + offs_n[:, None] * stride_on + step * 128 + offs_h[None, :]
