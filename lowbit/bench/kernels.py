@@ -284,10 +284,12 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
         # the defaults differ per width (default_decode_config); DecodeConfig(): 4 warps, 128-token steps, no cap
-        # (2026-12-04 on the H200: 64-token steps and 8 warps were slower everywhere; docs/benchmarks.md)
-        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(block_n=64), DecodeConfig(num_stages=2),
-                    DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, waves=8),
-                    DecodeConfig(waves=16),
+        # (2026-12-04 on the H200: 64-token steps, 8 warps, 2 stages and 16 waves of four-warp programs
+        # were slower everywhere; docs/benchmarks.md)
+        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128),
+                    DecodeConfig(maxnreg=128, waves=8),
+                    # KV4 at 96 registers: 5 programs per SM, 35 spill instructions a step (`bench sass`)
+                    DecodeConfig(maxnreg=96), DecodeConfig(maxnreg=96, waves=8),
                     # one or two warps a program: row reductions within a warp, no barrier across warps
                     DecodeConfig(block_n=32, num_warps=1, waves=16), DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
                     DecodeConfig(block_n=64, num_warps=2, waves=8)):
