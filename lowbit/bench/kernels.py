@@ -17,6 +17,7 @@ import os
 import torch
 
 from lowbit.bench.env import environment
+from lowbit.errors import LowbitError
 
 MODELS = {"llama3-8b": dict(hidden=4096, q=4096, kv=1024, mlp=14336, heads=32, kv_heads=8, head_dim=128),
           "llama3-70b": dict(hidden=8192, q=8192, kv=1024, mlp=28672, heads=64, kv_heads=8, head_dim=128)}
@@ -592,6 +593,37 @@ def tables(result: dict, markdown: bool) -> str:
     return "\n".join(out)
 
 
+def read_result(path: str) -> dict:
+    """An earlier run's kernels.json, or the JSON lines it printed (the log of a run stopped by a time
+    limit before it wrote kernels.json: the environment, the roofs, then one line per row)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    env = next((d for d in lines if "device" in d), None)
+    roofs = next((d for d in lines if "copy_GBps" in d), None)
+    if env is None or roofs is None:
+        raise LowbitError(f"{path}: neither kernels.json nor the log of a kernels run")
+    rows = [d for d in lines if "method" in d]
+    part = {"linear": [r for r in rows if "m" in r], "attention": [r for r in rows if "ctx" in r],
+            "prefill": [r for r in rows if "q_len" in r]}
+    unique = lambda rs, key: list(dict.fromkeys(r[key] for r in rs))  # noqa: E731
+    return dict(env=env, roofs=roofs, quick=None, models=unique(rows, "model"), ms=unique(part["linear"], "m"),
+                batches=unique(part["attention"], "batch"), contexts=unique(part["attention"], "ctx"),
+                prefills=list(dict.fromkeys((r["seqs"], r["q_len"]) for r in part["prefill"])), **part)
+
+
+def _save(result: dict, out: str) -> None:
+    """kernels.json as it stands (after each part: a run stopped by a time limit keeps what it measured)."""
+    result["targets"] = targets(result)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowbit.bench kernels")
     p.add_argument("--quick", action="store_true", help="the 8B model, fewer M, batches and contexts")
@@ -606,11 +638,11 @@ def main(argv=None) -> int:
                    help="the decode attention part's batch sizes (default: by --quick)")
     p.add_argument("--contexts", type=int, nargs="+", metavar="T",
                    help="the decode attention part's context lengths (default: by --quick)")
-    p.add_argument("--from-json", metavar="PATH", help="print the tables of an earlier run's kernels.json")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="print the tables of an earlier run's kernels.json (or of the JSON lines it printed)")
     args = p.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as f:
-            result = json.load(f)
+        result = read_result(args.from_json)
         result["targets"] = targets(result)
         print(f"{result['env']['device']}, {result['env']['date']}, commit {result['env']['commit']}, "
               f"torch {result['env']['torch']}, triton {result['env']['triton']}; roofs: "
@@ -631,14 +663,14 @@ def main(argv=None) -> int:
     print(json.dumps(result["env"]), flush=True)
     result["roofs"] = measure_roofs()
     print(json.dumps(result["roofs"]), flush=True)
-    result["linear"] = []
+    result.update(linear=[], attention=[], prefill=[])
     for model in sel["models"]:
         for m in sel["ms"]:
             rows = bench_layer(model, m, result["roofs"], sweep=args.sweep and model == "llama3-8b")
             for r in rows:
                 print(json.dumps(r), flush=True)
             result["linear"] += rows
-    result["attention"] = []
+            _save(result, args.out)
     for batch in sel["batches"]:
         for ctx in sel["contexts"]:
             rows = bench_attention("llama3-8b", batch, ctx, result["roofs"],
@@ -646,17 +678,15 @@ def main(argv=None) -> int:
             for r in rows:
                 print(json.dumps(r), flush=True)
             result["attention"] += rows
-    result["prefill"] = []
+            _save(result, args.out)
     for seqs, q_len in sel["prefills"]:
         rows = bench_prefill("llama3-8b", seqs, q_len, result["roofs"], sweep=args.sweep)
         for r in rows:
             print(json.dumps(r), flush=True)
         result["prefill"] += rows
+        _save(result, args.out)
     result["mma_instructions"] = mma_instructions()
-    result["targets"] = targets(result)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "kernels.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    _save(result, args.out)
     print()
     print(tables(result, args.markdown))
     return 0

@@ -1,0 +1,48 @@
+"""bench kernels' report: an interrupted run's log read back, and the targets computed from rows."""
+import json
+
+import pytest
+
+from lowbit.bench.kernels import read_result, targets
+from lowbit.errors import LowbitError
+
+ENV = {"device": "NVIDIA H200", "date": "2026-12-04", "commit": "abc1234", "torch": "2.11", "triton": "3.6"}
+ROOFS = {"copy_GBps": 4000.0, "bf16_TFLOPs": 700.0, "fp8_TFLOPs": 1200.0, "int8_mm_TOPs": 850.0}
+
+
+def _row(method, us, **key):
+    return dict(model="llama3-8b", method=method, us=us, roof_pct=50.0, **key)
+
+
+def test_log_of_an_interrupted_run_reads_back_as_its_result(tmp_path):
+    rows = [_row("bf16 cuBLAS", 120.0, m=1), _row("fp8 cuBLAS", 110.0, m=1), _row("W4A8 g128", 60.0, m=1),
+            _row("W4A8 g128 [swap=True block_m=16 waves=4]", 40.0, m=1), _row("W4A8 g128", 100.0, m=64),
+            _row("KV4 paged", 150.0, batch=64, ctx=4096), _row("SDPA bf16", 450.0, batch=64, ctx=4096)]
+    log = tmp_path / "table.md"
+    log.write_text("\n".join([json.dumps(ENV), json.dumps(ROOFS)] + [json.dumps(r) for r in rows])
+                   + "\nTraceback (most recent call last):\n")  # what a timeout leaves after the rows
+    result = read_result(str(log))
+    assert result["env"] == ENV and result["roofs"] == ROOFS
+    assert result["ms"] == [1, 64] and result["batches"] == [64] and result["contexts"] == [4096]
+    assert len(result["linear"]) == 5 and len(result["attention"]) == 2 and result["prefill"] == []
+    got = {(t["target"], t["config"]): t["got"] for t in targets(result)}
+    # peer time over ours: 120 / 60 and 110 / 60 for the default, 120 / 40 for the swept config (named
+    # by its fields away from W4A8Config's defaults)
+    assert got[("W4A8 g128 vs bf16 cuBLAS, 8B layer, M=1", "default")] == 2.0
+    assert got[("W4A8 g128 vs fp8 cuBLAS, 8B layer, M=1", "default")] == 1.83
+    assert got[("W4A8 g128 vs bf16 cuBLAS, 8B layer, M=1", "waves=4")] == 3.0
+    assert got[("KV4 decode vs SDPA bf16, batch 64, ctx 4k", "default")] == 3.0
+
+
+def test_kernels_json_reads_as_written(tmp_path):
+    result = dict(env=ENV, roofs=ROOFS, ms=[1], linear=[_row("W4A8 g128", 60.0, m=1)], attention=[])
+    path = tmp_path / "kernels.json"
+    path.write_text(json.dumps(result))
+    assert read_result(str(path)) == result
+
+
+def test_a_file_of_neither_kind_is_refused(tmp_path):
+    path = tmp_path / "notes.md"
+    path.write_text("# notes\n{\"method\": \"W4A8 g128\", \"m\": 1, \"us\": 1.0}\n")
+    with pytest.raises(LowbitError, match="neither kernels.json nor the log"):
+        read_result(str(path))
