@@ -69,8 +69,10 @@ def test_decode_config_changes():
     from lowbit.bench.sass import _decode_preset, _int_fields, presets
     from lowbit.errors import LowbitError
 
-    p = _decode_preset(4, **{**dict(presets()["decode-kv4-maxnreg128"].changes), **_int_fields(["block_n=32", "num_warps=1"])})
-    assert (p.constexprs["BN"], p.num_warps, p.maxnreg) == (32, 1, 128)
+    capped = _decode_preset(4, maxnreg=96)
+    assert capped.name == "decode-kv4-maxnreg96" and "decode-kv4" in presets()
+    p = _decode_preset(4, **{**dict(capped.changes), **_int_fields(["block_n=32", "num_warps=1"])})
+    assert (p.constexprs["BN"], p.num_warps, p.maxnreg) == (32, 1, 96)
     assert p.bytes_per_iter == 32 * 2 * (64 + 8)
     for bad in (["bogus=1"], ["block_n=x"], ["block_n"]):
         with pytest.raises(LowbitError, match="FIELD=INT"):

@@ -153,7 +153,7 @@ def _w4a16_preset(m: int) -> Preset:
 
 
 def presets() -> dict[str, Preset]:
-    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16), _decode_preset(4, maxnreg=128),
+    return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
                                 _w8a8_tma_preset(4096, False),
