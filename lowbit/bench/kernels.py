@@ -171,6 +171,9 @@ def _sweeps(m: int) -> dict:
         w4 += [W4A8Config(swap=True, scale_acc=False, block_m=bm, block_n=64, waves=4, num_stages=stages)
                for stages in (3, 6)]
         w4 += [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=64, waves=4, tma=True) for acc in (True, False)]
+        # two K-steps a loop iteration: fewer loop and pipeline instructions per step (`bench sass`)
+        w4 += [W4A8Config(swap=True, scale_acc=True, block_m=bm, block_n=64, unroll=2, num_stages=stages)
+               for stages in (2, 3)]
         if m == 64:
             w4 += [W4A8Config(swap=False, scale_acc=acc, block_m=64, block_n=128) for acc in (True, False)]
         w8 = [W8A8Config(True, bm, 128, waves=waves) for waves in (4, 8)]

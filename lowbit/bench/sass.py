@@ -94,23 +94,25 @@ def _prefill_preset(bits: int) -> Preset:
                   ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_bt"))
 
 
-def _w4a8_preset(m: int, tma: bool = False) -> Preset:
+def _w4a8_preset(m: int, tma: bool = False, **changes) -> Preset:
     """The W4A8 GEMM at Llama-3-8B's gate_up (N 28672, K 4096) as `w4a8_gemm` launches it for M <= 64
     tokens (its default config; two K-splits, which only changes the epilogue; above 64 tokens the
-    weight is widened to int8 and the W8A8 kernel runs); `tma`: with that config's `tma` switch on."""
+    weight is widened to int8 and the W8A8 kernel runs); `tma`: with that config's `tma` switch on;
+    `changes`: other W4A8Config fields (a config of the sweep)."""
     from lowbit.kernels.w4a8 import default_config
 
-    cfg = default_config(m)
+    cfg = dataclasses.replace(default_config(m), **changes)
     x, w = ("*i8", "*u8") if not tma else (f"tensordesc<i8[{cfg.block_m}, 64]>", f"tensordesc<u8[{cfg.block_n}, 64]>")
     types = dict(x_ptr=x, xs_ptr="*fp32", w_ptr=w, s1_ptr="*fp32", zs_ptr="*i32",
                  out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32", K="i32",
                  stride_xm="i32", stride_wn="i32", stride_om="i32")
     # one K-step reads a group of 128 int4 codes and its zero and scale word for each of BN channels from
     # memory (the activations are re-read by every channel tile: from L2)
-    return Preset(f"w4a8{'-tma' if tma else ''}-m{m}", "lowbit.kernels.w4a8:_w4a8_kernel", types,
+    name = f"w4a8{'-tma' if tma else ''}-m{m}" + "".join(f"-{k}{v}" for k, v in changes.items())
+    return Preset(name, "lowbit.kernels.w4a8:_w4a8_kernel", types,
                   dict(GROUPED=True, SWAP=cfg.swap, SCALE_ACC=cfg.scale_acc, BM=cfg.block_m, BN=cfg.block_n,
-                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma),
-                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4),
+                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma, UNROLL=cfg.unroll),
+                  cfg.num_warps, cfg.num_stages, cfg.unroll * cfg.block_n * (64 + 4),
                   f"W4A8 g128 GEMM, M = {m}, one group of 128 per iteration{', tiles by TMA' if tma else ''}",
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
@@ -156,6 +158,7 @@ def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
+                                _w4a8_preset(1, unroll=2, num_stages=2), _w4a8_preset(64, unroll=2, num_stages=2),
                                 _w8a8_tma_preset(4096, False),
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1))}
 
