@@ -163,8 +163,8 @@ def _sweeps(m: int) -> dict:
              for bn, stages, waves in ((128, 2, 2), (128, 3, 2), (64, 4, 2), (64, 2, 4))] if m <= 64 else []
     if m <= 64:
         # scale_acc=False needs the group word in one layout only, so it is the config whose every load
-        # the pipeliner copies ahead (`bench sass`); while the group bytes were synchronous loads,
-        # 128-channel tiles and 6- or 8-stage pipelines were slower at every M (2026-12-04)
+        # the pipeliner copies ahead (`bench sass`); 128-channel tiles and deeper pipelines were slower at
+        # every M, before and after the group words were pipelined (2026-12-04, docs/benchmarks.md)
         w4 = [W4A8Config(swap=True, scale_acc=acc, block_m=bm, block_n=64, waves=waves)
               for acc in (True, False) for waves in (2, 4, 8)]
         w4 += [W4A8Config(swap=True, scale_acc=False, block_m=bm, block_n=128, waves=waves) for waves in (2, 4)]

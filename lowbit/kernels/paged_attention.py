@@ -43,7 +43,7 @@ class DecodeConfig:
     num_stages: int = 3
     waves: int = 4  # (sequence, head, split) programs per SM
     maxnreg: int | None = None  # cap on registers per thread (None: the compiler's choice); fewer
-    # registers can fit more programs on an SM (KV8 at 128: 3 instead of 2, no spills in the SASS)
+    # registers can fit more programs on an SM (KV4 at 128: 4 instead of 3, no spills in the SASS)
 
 
 # per cache width, from the sweep of 2026-12-04 on the H200 (docs/benchmarks.md): 16-bit tiles are 2-4x

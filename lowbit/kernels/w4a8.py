@@ -6,7 +6,7 @@ Two weight formats share one layout (`W4A8Weight`):
 
 `_w4a8_kernel` widens int4 to int8 in registers, four codes per 32-bit op (`common.int4_*`),
 and runs int8 x int8 -> int32 `tl.dot` (wgmma on sm_90a), one group of 128 per K-step, with the
-per-token and per-channel scales in the epilogue. Three switches:
+per-token and per-channel scales in the epilogue. Four switches:
 - SWAP: out^T = W x^T, the weight tile is the MMA's A operand, straight from registers, and the
   tokens its narrow side (16 and up): small M. Otherwise the weight goes through shared memory.
 - SCALE_ACC (QServe): MMA the zero-shifted codes and apply s2 to the int32 partial sum once per
@@ -15,6 +15,7 @@ per-token and per-channel scales in the epilogue. Three switches:
   layout too, for which Triton re-loads it without the pipeline: one synchronous load a step).
 - TMA: the activation and packed-weight tiles arrive as bulk tensor copies instead of cp.async
   (in the small-M sweep; not a default until timed).
+- UNROLL: K-steps per loop iteration (`W4A8Config.unroll`; in the small-M sweep, not yet timed).
 Small M splits K across programs (one launch; see `common.store_tile`). Above 64 tokens the whole
 weight is widened to int8 once per call (`_w4a8_widen_kernel`, about 4.3 TB/s) and the TMA-fed W8A8
 kernel runs: faster on the H200 from 128 tokens up than this kernel with either switch.
