@@ -122,7 +122,9 @@ def driver_calls(step, steps: int) -> list[str]:
 
 
 class StepTimer:
-    """Accumulates synchronized wall time per (step kind, phase)."""
+    """Accumulates synchronized wall time per (step kind, phase). A step's phases are held until
+    `end_step`, which files them under the kind its forward named: the scheduling phase runs
+    before the kind is known. Nothing is recorded while `enabled` is False (traced or host-profiled steps)."""
 
     def __init__(self, device):
         import torch
@@ -131,9 +133,11 @@ class StepTimer:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.steps: dict[str, int] = defaultdict(int)
+        self.alloc: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.kind = "?"
         self.enabled = True
-        self.alloc: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self._ms: dict[str, float] = defaultdict(float)  # the current step's
+        self._alloc: dict[str, int] = defaultdict(int)
 
     @contextmanager
     def phase(self, name: str):
@@ -144,7 +148,7 @@ class StepTimer:
         t0 = time.perf_counter()
         yield
         self.sync()
-        self.ms[self.kind][name] += 1e3 * (time.perf_counter() - t0)
+        self._ms[name] += 1e3 * (time.perf_counter() - t0)
 
     def wrap(self, obj, attr: str, name: str) -> None:
         fn = getattr(obj, attr)
@@ -156,9 +160,20 @@ class StepTimer:
         setattr(obj, attr, timed)
 
     def count_allocs(self, before: dict[str, int], after: dict[str, int]) -> None:
-        """Add the allocator's device-level events between two `allocator_counts` to this step kind."""
+        """Add the allocator's device-level events between two `allocator_counts` to the current step."""
         for key in ALLOC_COUNTS:
-            self.alloc[self.kind][key] += after.get(key, 0) - before.get(key, 0)
+            self._alloc[key] += after.get(key, 0) - before.get(key, 0)
+
+    def end_step(self) -> None:
+        """File the current step's phases and allocator events under `kind`."""
+        if self.enabled:
+            self.steps[self.kind] += 1
+            for name, ms in self._ms.items():
+                self.ms[self.kind][name] += ms
+            for key, n in self._alloc.items():
+                self.alloc[self.kind][key] += n
+        self._ms.clear()
+        self._alloc.clear()
 
     def alloc_table(self) -> str:
         lines = ["| step kind | " + " | ".join(f"{k} / step" for k in ALLOC_COUNTS) + " |",
@@ -211,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     def classified(batch):
         decode = all(item.num_tokens == 1 for item in batch)
         timer.kind = f"decode b{len(batch) // 64 * 64}-{len(batch) // 64 * 64 + 63}" if decode else "mixed/prefill"
-        timer.steps[timer.kind] += timer.enabled
         with timer.phase("forward"):  # minus the nested phases, below
             return launch(batch)
 
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         with timer.phase("update"):
             engine.step()
         timer.count_allocs(before, allocator_counts(timer.device))
+        timer.end_step()
     timer.enabled = False  # the phases' syncs would be counted as waits
     if prof and engine.has_unfinished_requests():
         waits = host_waits(engine.step)

@@ -51,9 +51,10 @@ def _decode_preset(bits: int, **config) -> Preset:
     or that launch with some of the config's fields changed (`config`: the sweep's other configs)."""
     import dataclasses
 
-    from lowbit.kernels.paged_attention import default_decode_config
+    from lowbit.kernels.paged_attention import default_decode_config, heads_per_program
 
     cfg = dataclasses.replace(default_decode_config(bits), **config)
+    hp = heads_per_program(cfg.heads, 8, 4)
     maxnreg = config.get("maxnreg")
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
     sz = "*fp32" if bits != 16 else "*bf16"
@@ -66,10 +67,10 @@ def _decode_preset(bits: int, **config) -> Preset:
     name += "".join(f" {k}={v}" for k, v in config.items() if k != "maxnreg")
     return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
-                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
+                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, HP=hp, GP=16 // hp, BN=cfg.block_n,
                        SPLITS=4, ASM=True),
-                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
-                  f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token * hp,
+                  f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens of {hp} kv head(s) per iteration",
                   ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg, tuple(config.items()))
 
 
@@ -111,8 +112,8 @@ def _w4a8_preset(m: int, tma: bool = False, **changes) -> Preset:
     name = f"w4a8{'-tma' if tma else ''}-m{m}" + "".join(f"-{k}{v}" for k, v in changes.items())
     return Preset(name, "lowbit.kernels.w4a8:_w4a8_kernel", types,
                   dict(GROUPED=True, SWAP=cfg.swap, SCALE_ACC=cfg.scale_acc, BM=cfg.block_m, BN=cfg.block_n,
-                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma, UNROLL=cfg.unroll),
-                  cfg.num_warps, cfg.num_stages, cfg.unroll * cfg.block_n * (64 + 4),
+                       SPLIT_K=2, GROUP_M=cfg.group_m, ASM=True, TMA=tma),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4),
                   f"W4A8 g128 GEMM, M = {m}, one group of 128 per iteration{', tiles by TMA' if tma else ''}",
                   ("N", "K", "stride_xm", "stride_wn", "stride_om"))
 
@@ -158,7 +159,6 @@ def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
-                                _w4a8_preset(1, unroll=2, num_stages=2), _w4a8_preset(64, unroll=2, num_stages=2),
                                 _w8a8_tma_preset(4096, False),
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1))}
 

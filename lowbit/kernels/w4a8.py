@@ -15,7 +15,6 @@ per-token and per-channel scales in the epilogue. Four switches:
   layout too, for which Triton re-loads it without the pipeline: one synchronous load a step).
 - TMA: the activation and packed-weight tiles arrive as bulk tensor copies instead of cp.async
   (in the small-M sweep; not a default until timed).
-- UNROLL: K-steps per loop iteration (`W4A8Config.unroll`; in the small-M sweep, not yet timed).
 Small M splits K across programs (one launch; see `common.store_tile`). Above 64 tokens the whole
 weight is widened to int8 once per call (`_w4a8_widen_kernel`, about 4.3 TB/s) and the TMA-fed W8A8
 kernel runs: faster on the H200 from 128 tokens up than this kernel with either switch.
@@ -97,8 +96,6 @@ class W4A8Config(TileConfig):
     scale_acc: bool = False  # QServe: s2 on the int32 partial sums (see the module doc)
     widen: bool = False  # widen to int8, then the W8A8 kernel (its default config)
     tma: bool = False  # activation and packed weight tiles by TMA (bulk copies), not cp.async
-    unroll: int = 1  # K-steps per loop iteration (Triton's loop_unroll_factor): fewer loop and pipeline
-    # instructions per step (M = 1: 174 against 204 a step at 2, 2 stages; `bench sass`), in the sweep
 
 
 def default_config(m: int) -> W4A8Config:
@@ -143,7 +140,7 @@ def w4a8_gemm_triton(x_q: torch.Tensor, x_scale: torch.Tensor, w: W4A8Weight,
         x_in, x_scale, w_in, w.s1, zs, out, ws, locks, m, n, k,
         x_q.stride(0), w.qweight.stride(0), out.stride(0),
         GROUPED=grouped, SWAP=cfg.swap, SCALE_ACC=grouped and cfg.scale_acc, BM=cfg.block_m,
-        BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda, TMA=tma, UNROLL=cfg.unroll,
+        BN=cfg.block_n, SPLIT_K=split, GROUP_M=cfg.group_m, ASM=x_q.is_cuda, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
@@ -160,7 +157,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, zs_ptr, out_ptr, ws_ptr, lock_ptr
                  M, N, K, stride_xm, stride_wn, stride_om,
                  GROUPED: tl.constexpr, SWAP: tl.constexpr, SCALE_ACC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
-                 ASM: tl.constexpr, TMA: tl.constexpr, UNROLL: tl.constexpr):
+                 ASM: tl.constexpr, TMA: tl.constexpr):
     """One output tile [BM tokens, BN channels] over this program's share of the K-steps. With TMA,
     x_ptr and w_ptr are tensor descriptors of `[BM, 64]` and `[BN, 64]` tiles (zero-filled edges)."""
     pid = tl.program_id(0)
@@ -170,7 +167,7 @@ def _w4a8_kernel(x_ptr, xs_ptr, w_ptr, s1_ptr, zs_ptr, out_ptr, ws_ptr, lock_ptr
     n_ok = offs_n < N
     first, last = k_range(tl.cdiv(K, 128), SPLIT_K)
     acc = acc_zeros(BM, BN, SWAP, tl.int32)
-    for step in tl.range(first, last, loop_unroll_factor=UNROLL):
+    for step in range(first, last):
         if TMA:
             a_lo = x_ptr.load([pid_m * BM, step * 128])
             a_hi = x_ptr.load([pid_m * BM, step * 128 + 64])
