@@ -284,20 +284,17 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                 "KV4 paged": lambda: paged_decode_case(model, batch, ctx, 4),
                 "SDPA bf16": lambda: sdpa_case(model, batch, ctx)}
     if sweep:
-        # the defaults differ per width (default_decode_config); swept before 2026-12-04 on the H200 and
-        # slower everywhere (docs/benchmarks.md): 64-token steps, 8 warps, 2 stages, 16 waves of four-warp
-        # programs, 96 registers (spills), one- and two-warp KV4 programs. Now: several kv heads a program
-        configs = {4: (DecodeConfig(maxnreg=128), DecodeConfig(maxnreg=128, heads=4, block_n=32),
-                     DecodeConfig(maxnreg=128, heads=4, block_n=32, num_stages=2),
-                     DecodeConfig(maxnreg=128, heads=4, block_n=32, waves=8),
-                     DecodeConfig(maxnreg=168, heads=4, block_n=64), DecodeConfig(maxnreg=128, heads=4, block_n=16),
-                     DecodeConfig(maxnreg=128, heads=2, block_n=64)),
-                 8: (DecodeConfig(block_n=32, num_warps=1, waves=16, maxnreg=168),
-                     DecodeConfig(block_n=16, num_warps=1, waves=16, maxnreg=168, heads=4),
-                     DecodeConfig(block_n=32, num_warps=2, waves=8, heads=4),
-                     DecodeConfig(block_n=32, heads=4, maxnreg=128))}
-        for bits, cfgs in configs.items():
-            for cfg in cfgs:
+        # the defaults differ per width (default_decode_config); DecodeConfig(): 4 warps, 128-token steps, no cap
+        # (2026-12-04 on the H200: 64-token steps, 8 warps, 2 stages and 16 waves of four-warp programs
+        # were slower everywhere; docs/benchmarks.md)
+        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128),
+                    DecodeConfig(maxnreg=128, waves=8),
+                    # KV4 at 96 registers: 5 programs per SM, 35 spill instructions a step (`bench sass`)
+                    DecodeConfig(maxnreg=96), DecodeConfig(maxnreg=96, waves=8),
+                    # one or two warps a program: row reductions within a warp, no barrier across warps
+                    DecodeConfig(block_n=32, num_warps=1, waves=16), DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
+                    DecodeConfig(block_n=64, num_warps=2, waves=8)):
+            for bits in (8, 4):
                 builders[f"KV{bits} paged [{_label(cfg)}]"] = \
                     lambda bits=bits, cfg=cfg: paged_decode_case(model, batch, ctx, bits, cfg)
     for name, build in builders.items():

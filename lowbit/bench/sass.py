@@ -51,10 +51,9 @@ def _decode_preset(bits: int, **config) -> Preset:
     or that launch with some of the config's fields changed (`config`: the sweep's other configs)."""
     import dataclasses
 
-    from lowbit.kernels.paged_attention import default_decode_config, heads_per_program
+    from lowbit.kernels.paged_attention import default_decode_config
 
     cfg = dataclasses.replace(default_decode_config(bits), **config)
-    hp = heads_per_program(cfg.heads, 8, 4)
     maxnreg = config.get("maxnreg")
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
     sz = "*fp32" if bits != 16 else "*bf16"
@@ -67,10 +66,10 @@ def _decode_preset(bits: int, **config) -> Preset:
     name += "".join(f" {k}={v}" for k, v in config.items() if k != "maxnreg")
     return Preset(name,
                   "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
-                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, HP=hp, GP=16 // hp, BN=cfg.block_n,
+                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
                        SPLITS=4, ASM=True),
-                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token * hp,
-                  f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens of {hp} kv head(s) per iteration",
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
+                  f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
                   ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg, tuple(config.items()))
 
 

@@ -11,9 +11,8 @@ are one contiguous run (int4, block size 16: 1 KB of codes), which the decode ke
 - or unquantized: the values themselves `[num_blocks, n_kv_heads, block_size, head_dim]` (bf16 /
   fp16; the write also takes fp32), no scale and zero (None).
 
-Decode attention (one query token per sequence, GQA): one program per (sequence, kv head or
-`DecodeConfig.heads` of them, split of the context); the group's query heads share each K/V tile
-(padded to the MMA's 16 rows, which several heads' groups can fill: `_paged_decode_kernel`).
+Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
+of the context); the group's query heads share each K/V tile (padded to the MMA's 16 rows).
 Codes enter fp16 MMAs without a conversion:
 a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
 gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
@@ -45,8 +44,6 @@ class DecodeConfig:
     waves: int = 4  # (sequence, head, split) programs per SM
     maxnreg: int | None = None  # cap on registers per thread (None: the compiler's choice); fewer
     # registers can fit more programs on an SM (KV4 at 128: 4 instead of 3, no spills in the SASS)
-    heads: int = 1  # kv heads per program (a power of two; fewer where they do not divide the kv
-    # heads or their query groups overflow the MMA's 16 rows: `heads_per_program`)
 
 
 # per cache width, from the sweep of 2026-12-04 on the H200 (docs/benchmarks.md): 16-bit tiles are 2-4x
@@ -97,18 +94,8 @@ def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
     return reference.kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo)
 
 
-def heads_per_program(want: int, n_kv_heads: int, group: int) -> int:
-    """The kv heads one decode program takes: `want`, halved until it divides n_kv_heads and its
-    query groups (each padded to a power of two) fill at most the MMA's 16 rows."""
-    hp = want
-    while hp > 1 and (n_kv_heads % hp or hp * triton.next_power_of_2(group) > 16):
-        hp //= 2
-    return hp
-
-
 def decode_splits(batch: int, n_kv_heads: int, max_seq_len: int, device, waves: int) -> int:
-    """Enough (sequence, heads, split) programs for `waves` per SM, each >= MIN_SPLIT_TOKENS
-    (n_kv_heads: the programs per sequence and split)."""
+    """Enough (sequence, head, split) programs for `waves` per SM, each >= MIN_SPLIT_TOKENS."""
     n_sm = sm_count(device) if device.type == "cuda" else 4
     want = cdiv(waves * n_sm, batch * n_kv_heads)
     return max(1, min(want, cdiv(max_seq_len, MIN_SPLIT_TOKENS)))
@@ -122,10 +109,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
     bits = kv_bits(k_cache, d)
     gq = hq // hkv
     cfg = config or default_decode_config(bits)
-    hp = heads_per_program(cfg.heads, hkv, gq)
-    gp = max(triton.next_power_of_2(gq), 16 // hp)  # rows per kv head: its query group, padded
     max_seq_len = max_seq_len or block_tables.shape[1] * bs
-    splits = splits or decode_splits(b, hkv // hp, max_seq_len, q.device, cfg.waves)
+    splits = splits or decode_splits(b, hkv, max_seq_len, q.device, cfg.waves)
     per_split = cdiv(cdiv(max_seq_len, splits), cfg.block_n) * cfg.block_n
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     if splits > 1:
@@ -133,10 +118,10 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
         part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    _paged_decode_kernel[(b, hkv // hp, splits)](
+    _paged_decode_kernel[(b, hkv, splits)](
         q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
         q.stride(0), q.stride(1), block_tables.stride(0), per_split,
-        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, HP=hp, GP=gp, BN=cfg.block_n,
+        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n,
         SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         maxnreg=cfg.maxnreg)
     if splits > 1:
@@ -275,83 +260,56 @@ def _code_scores(raw_init, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS: tl.conste
 
 
 @triton.jit
-def _code_values(pv, acc_a, acc_b, vc, v_z, BITS: tl.constexpr, ASM: tl.constexpr):
-    """The accumulators plus `pv @ V` over a tile of value codes (pv: fp16 probabilities times each
-    token's value scale); int4's high plane accumulates 16 (c - z) in acc_b. v_z: each value row's
-    zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small integers, exact,
-    since the write's zeros are integer codes), so no per-row correction is summed across the
-    tokens (a reduction across the warps)."""
+def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
+    token; int4's high plane accumulates 16 (c - z) in acc_b. v_s as k_s in `_code_scores`; v_z: each
+    value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small
+    integers, exact, since the write's zeros are integer codes), so no per-row correction is summed
+    across the tokens (a reduction across the warps)."""
+    pv = (p * v_s).to(tl.float16)
     va, vb = _codes_fp16(vc, BITS, ASM, False)
-    acc_a = tl.dot(pv, va - (v_z + 1024.0).to(tl.float16), acc_a)
+    acc_a = acc_a * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
     if BITS == 4:
-        acc_b = tl.dot(pv, vb - (16.0 * v_z + 1024.0).to(tl.float16), acc_b)
+        acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb - (16.0 * v_z + 1024.0).to(tl.float16))
     return acc_a, acc_b
-
-
-@triton.jit
-def _rows_of_heads(sz_ptr, row, which: tl.constexpr, HP: tl.constexpr, GP: tl.constexpr, BS: tl.constexpr):
-    """Each score row's scale (which 0) or zero (1) of a step's tokens (`row`: the first head's cache
-    rows): `[1, BN]` for one head; for HP heads, each head's `[BN]` repeated over its GP rows."""
-    if HP == 1:
-        rows = tl.load(sz_ptr + row[None, :] * 2 + which)
-    else:
-        x = tl.load(sz_ptr + (row[None, :] + (tl.arange(0, HP) * BS)[:, None]) * 2 + which)
-        rows = tl.reshape(tl.broadcast_to(x[:, None, :], (HP, GP, x.shape[1])), (HP * GP, x.shape[1]))
-    return rows
 
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr,
                          plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
                          HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         BITS: tl.constexpr, HP: tl.constexpr, GP: tl.constexpr, BN: tl.constexpr,
+                         BITS: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
                          SPLITS: tl.constexpr, ASM: tl.constexpr):
-    """One program per (sequence, HP kv heads, split). Its HP * GP rows are the heads' query groups
-    (row r: kv head r // GP, query r % GP, padding past GQ). With HP > 1 the query tile is block
-    diagonal along the K tile's HP * DC columns (row r holds its query in its own head's columns,
-    zeros elsewhere), so one MMA gives every row its own head's scores; each head's V tile takes the
-    probabilities of its rows only. Against HP = 1 (one head, GP = 16 rows, GQ of them real), the
-    MMAs do the same work per byte, while the softmax of a step's bytes is spread over HP times fewer
-    scores (per-row scales and zeros are then `[rows, BN]` loads instead of `[1, BN]`)."""
     b = tl.program_id(0)
-    kvh0 = tl.program_id(1) * HP
+    kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    BH: tl.constexpr = HP * GP
     DC: tl.constexpr = D // 2 if BITS == 4 else D  # cache elements per (token, head)
     STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
     seq_len = tl.load(sl_ptr + b)
     start = sp * per_split
     end = tl.minimum(start + per_split, seq_len)
-    offs_r = tl.arange(0, BH)
-    r_head = offs_r // GP  # the row's kv head, of the program's
-    r_ok = offs_r % GP < GQ
-    heads = (kvh0 + r_head) * GQ + offs_r % GP  # the row's query head
+    offs_h = tl.arange(0, BH)
     offs_c = tl.arange(0, DC)
-    # query / key columns: HP heads of DC; the `%` also hides the offsets' contiguity from Triton, so
-    # the KV4 loop at HP = 1 compiles to 168 registers (3 programs per SM), 190 (2) without it
-    # (Triton 3.6, `lowbit bench sass`)
-    offs_k = tl.arange(0, HP * DC)
-    k_head = offs_k // DC
-    k_el = offs_k % DC
-    q_ok = r_ok[:, None] & (r_head[:, None] == k_head[None, :])
-    q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    h_ok = offs_h[:, None] < GQ
+    q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
+    # the same offsets through a `%`, which hides their contiguity from Triton: so the KV4 loop compiles
+    # to 168 registers (3 programs per SM), 190 (2) without it (Triton 3.6, `lowbit bench sass`)
+    offs_q = offs_c % DC
     if BITS == 16:  # the query in the cache's dtype
-        qa = tl.load(q_rows + k_el[None, :], mask=q_ok, other=0.0).to(kc_ptr.dtype.element_ty)
+        qa = tl.load(q_rows + offs_q[None, :], mask=h_ok, other=0.0).to(kc_ptr.dtype.element_ty)
     else:
         # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
         # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
-        qa = tl.load(q_rows + STEP * k_el[None, :], mask=q_ok, other=0.0).to(tl.float16)
+        qa = tl.load(q_rows + STEP * offs_q[None, :], mask=h_ok, other=0.0).to(tl.float16)
         qsum = tl.sum(qa.to(tl.float32), 1)
         q_1024 = 1024.0 * qsum  # q . 1024
         qb = qa  # int8 has one plane
         if BITS == 4:
-            qb = (tl.load(q_rows + 2 * k_el[None, :] + 1, mask=q_ok, other=0.0) / 16.0).to(tl.float16)
+            qb = (tl.load(q_rows + 2 * offs_q[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
             qb_sum = tl.sum(qb.to(tl.float32), 1)
             qsum += 16.0 * qb_sum
             q_1024 += 1024.0 * qb_sum
         minus_q1024 = tl.zeros([BH, BN], tl.float32) - q_1024[:, None]  # the MMAs' accumulator init
-    # a (token, head)'s cache row is (block * HKV + head) * BS + offset: key column c of head c // DC
-    k_cols = offs_c if HP == 1 else k_head * (BS * DC) + k_el
     m_i = tl.full([BH], float("-inf"), tl.float32)
     l_i = tl.zeros([BH], tl.float32)
     acc_a = tl.zeros([BH, DC], tl.float32)
@@ -361,14 +319,14 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         offs_n = t0 + tl.arange(0, BN)
         n_ok = offs_n < end
         blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
-        row = (blk * HKV + kvh0) * BS + offs_n % BS  # the program's first head's
-        kc = tl.load(kc_ptr + row[:, None] * DC + k_cols[None, :], mask=n_ok[:, None], other=0)
+        row = (blk * HKV + kvh) * BS + offs_n % BS
+        kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
             # unmasked: a token past the end reads block 0's (maybe not finite), `n_ok` masks the results
-            k_s = _rows_of_heads(ksz_ptr, row, 0, HP, GP, BS)
-            k_z = _rows_of_heads(ksz_ptr, row, 1, HP, GP, BS)
+            k_s = tl.load(ksz_ptr + row * 2)[None, :]
+            k_z = tl.load(ksz_ptr + row * 2 + 1)[None, :]
             scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
         scores = tl.where(n_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: a step has at least one token
@@ -376,34 +334,26 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         p = tl.math.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        acc_a = acc_a * alpha[:, None]
+        # masked: a slot that is no token's may hold anything (16 bits: inf), and p's 0 times inf is
+        # no 0 in the MMA (past the end, K only reaches scores that are masked)
+        vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
-            pv = p.to(kc.dtype)
+            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
-            acc_b = acc_b * alpha[:, None]
-            pv = (p * tl.where(n_ok[None, :], _rows_of_heads(vsz_ptr, row, 0, HP, GP, BS), 0.0)).to(tl.float16)
-        for h in tl.static_range(HP):
-            v_row = row + h * BS
-            pv_h = pv if HP == 1 else tl.where((r_head == h)[:, None], pv, tl.zeros_like(pv))
-            # masked: a slot that is no token's may hold anything (16 bits: inf), and p's 0 times inf
-            # is no 0 in the MMA (past the end, K only reaches scores that are masked)
-            vc = tl.load(vc_ptr + v_row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
-            if BITS == 16:
-                acc_a = tl.dot(pv_h, vc, acc_a)
-            else:
-                v_z = tl.load(vsz_ptr + v_row * 2 + 1)[:, None]  # finite: a row past the end has p = 0
-                acc_a, acc_b = _code_values(pv_h, acc_a, acc_b, vc, v_z, BITS, ASM)
+            v_s = tl.where(n_ok, tl.load(vsz_ptr + row * 2), 0.0)[None, :]
+            v_z = tl.load(vsz_ptr + row * 2 + 1)[:, None]  # finite: a row past the end has p = 0
+            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
     has = l_i > 0  # an empty split has no tokens
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
     acc_b = acc_b / 16.0
-    h_ok = r_ok[:, None]
+    heads = kvh * GQ + offs_h[:, None]
     if SPLITS == 1:
-        o_rows = o_ptr + (b * HKV * GQ + heads[:, None]) * D
+        o_rows = o_ptr + (b * HKV * GQ + heads) * D
         tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
         if BITS == 4:
             tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
     else:
-        part = (b * HKV * GQ + heads[:, None]) * SPLITS + sp
+        part = (b * HKV * GQ + heads) * SPLITS + sp
         tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
         if BITS == 4:
             tl.store(po_ptr + part * D + 2 * offs_c[None, :] + 1, acc_b * inv_l, mask=h_ok)
