@@ -1,4 +1,4 @@
-"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu`; the first two follow vLLM's benchmark conventions,
+"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu|sampling`; the first two follow vLLM's benchmark conventions,
 the others hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
@@ -86,9 +86,13 @@ def register(sub) -> dict:
     nc = kinds.add_parser("ncu", help="hardware counters of one kernel launch, by Nsight Compute on a GPU "
                                       "(lowbit bench ncu --help)", add_help=False, prefix_chars="\0")
     nc.add_argument("argv", nargs="*")
+    sm = kinds.add_parser("sampling", help="the sampler's one-pass draw against the torch path, on a GPU "
+                                           "(lowbit bench sampling --help)", add_help=False, prefix_chars="\0")
+    sm.add_argument("argv", nargs="*")
 
     handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
-                "profile": _main("profile"), "sass": _main("sass"), "ncu": _main("ncu")}
+                "profile": _main("profile"), "sass": _main("sass"), "ncu": _main("ncu"),
+                "sampling": _main("sampling")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 import itertools
 
+import torch
+
 from lowbit.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -34,7 +36,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # of the leading blocks published or reused
         self.num_preemptions = 0
-        self.generator = None  # the per-request torch.Generator, made on first use
+        # the noise stream of its draws (`kernels.sampling`): the seed's, or a random one
+        self.stream = (seed if seed is not None else int(torch.randint(0, 2 ** 32, ()))) & 0xFFFFFFFF
         self.num_pending = 0  # trailing PENDING tokens, whose values the engine has yet to read back
 
     @property

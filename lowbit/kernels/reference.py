@@ -179,3 +179,33 @@ def paged_prefill_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_l
         scores = scores.masked_fill(torch.arange(n, device=q.device)[None, :] > pos[:, None], float("-inf"))
         out[a:e] = torch.einsum("hqn,nhd->qhd", torch.softmax(scores, dim=-1), v).to(out.dtype)
     return out
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """h * c mod 2^32 for int64 h in [0, 2^32), without int64 overflow (16-bit halves of c)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finalizer on int64 values in [0, 2^32)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def race_noise(stream: torch.Tensor, pos: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Each row's uniforms in (0, 1) `[B, vocab]`: a hash of (stream, pos, vocabulary index)."""
+    key = fmix32((stream.long() & _M32) ^ fmix32(pos.long() & _M32))
+    x = fmix32(fmix32(torch.arange(vocab, device=stream.device))[None, :] ^ key[:, None])
+    return ((x >> 9) * 2 + 1).float() * 2.0 ** -24
+
+
+def race_sample(logits, scale, noise, stream, pos):
+    u = race_noise(stream, pos, logits.shape[-1])
+    k = scale[:, None] * logits.float() + noise[:, None] * -torch.log(-torch.log(u))
+    return k.argmax(-1)

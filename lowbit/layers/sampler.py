@@ -1,8 +1,9 @@
 """Token sampling for a batch of sequences with per-request parameters.
 
-Sampling uses the exponential-race form of a categorical draw (argmax of p / E, E ~ Exp(1)): it
-needs no host sync, and a request with a seed draws its noise from its own generator, so its
-tokens do not depend on what else is in the batch.
+Sampling uses the exponential-race form of a categorical draw (argmax of p / E, E ~ Exp(1);
+`kernels.sampling`, one pass over the logits on CUDA): it needs no host sync, and a row's noise is
+a hash of its sequence's stream (its seed, if it has one) and the drawn token's position, so a seeded
+request's tokens do not depend on what else is in the batch.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.engine.sequence import Sequence
+from lowbit.kernels.sampling import race_sample
 from lowbit.layers.transfer import to_device
 
 
@@ -32,15 +34,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seqs: list[Sequence]) -> None
         logits[i, ids] = torch.where(seen > 0, seen / rp, seen * rp)
 
 
+def _cuts(seqs: list[Sequence], vocab: int) -> bool:
+    """Whether any row's top-k, top-p or min-p can drop a token (the sort `_filter` needs)."""
+    return not all((s.params.top_k <= 0 or s.params.top_k >= vocab) and s.params.top_p >= 1.0
+                   and s.params.min_p <= 0.0 for s in seqs)
+
+
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Temperature, top-k, top-p and min-p, each with a per-row value; returns probabilities."""
+    """Temperature (1 for greedy rows, whose argmax every cut keeps), top-k, top-p and min-p, each
+    with a per-row value; returns the scaled logits, -inf where cut."""
     dev = logits.device
-    temp = to_device([s.params.temperature for s in seqs], torch.float32, dev)
+    temp = to_device([1.0 if s.params.greedy else s.params.temperature for s in seqs], torch.float32, dev)
     logits = logits / temp[:, None]
     vocab = logits.shape[-1]
-    if all((s.params.top_k <= 0 or s.params.top_k >= vocab) and s.params.top_p >= 1.0 and s.params.min_p <= 0.0
-           for s in seqs):
-        return logits.softmax(-1)  # nothing to cut: the sort below costs more than the whole decode step's sampling
     top_k = to_device([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], torch.long, dev)
     top_p = to_device([s.params.top_p for s in seqs], torch.float32, dev)
     min_p = to_device([s.params.min_p for s in seqs], torch.float32, dev)
@@ -51,17 +57,7 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # keep the smallest prefix reaching top_p
     drop |= probs < min_p[:, None] * probs[:, :1]
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits).softmax(-1)
-
-
-def _noise(shape, seqs: list[Sequence], device) -> torch.Tensor:
-    q = torch.empty(shape, device=device).exponential_()
-    for i, seq in enumerate(seqs):
-        if seq.seed is not None:
-            if seq.generator is None:
-                seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
-            q[i].exponential_(generator=seq.generator)
-    return q
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 @dataclass
@@ -113,22 +109,27 @@ def _top_width(want: list[int | None]) -> int:
 
 
 def draw(logits: torch.Tensor, seqs: list[Sequence], top: int | None = None) -> Sampled:
-    """logits: fp32 `[B, vocab]`, one row per sequence -> the tokens (and asked logprobs), on the device.
-    `top`: the top-logprob width (default: what these sequences ask; 0: none)."""
-    logits = logits.float()
+    """logits `[B, vocab]` (fp32 or the model's dtype), one row per sequence -> the tokens (and asked
+    logprobs), on the device. `top`: the top-logprob width (default: what these sequences ask; 0: none)."""
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
-        logits = logits.clone()  # the penalty edits in place: never the caller's tensor
+        logits = logits.float().clone()  # the penalty edits in place: never the caller's tensor
         apply_repetition_penalty(logits, seqs)
     greedy = [s.params.greedy for s in seqs]  # decided on the host: no device sync
-    tokens = logits.argmax(-1)
-    if not all(greedy):
-        probs = _filter(logits, seqs)
-        drawn = (probs / _noise(probs.shape, seqs, logits.device)).argmax(-1)
-        tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens, drawn)
+    dev = logits.device
+    if all(greedy):
+        tokens = logits.argmax(-1)
+    else:
+        z, scale = logits, [1.0 if g else 1.0 / s.params.temperature for g, s in zip(greedy, seqs)]
+        if _cuts(seqs, logits.shape[-1]):
+            z, scale = _filter(logits.float(), seqs), [1.0] * len(seqs)
+        tokens = race_sample(z, to_device(scale, torch.float32, dev), to_device([0.0 if g else 1.0 for g in greedy],
+                                                                                   torch.float32, dev),
+                             to_device([s.stream for s in seqs], torch.int64, dev),
+                             to_device([len(s.token_ids) for s in seqs], torch.int64, dev))
     want = [s.params.logprobs for s in seqs]
     top = _top_width(want) if top is None else top
     if not top:
         return Sampled(tokens, want)
-    lp = logits.log_softmax(-1)
+    lp = logits.float().log_softmax(-1)
     top_v, top_i = lp.topk(top, dim=-1)
     return Sampled(tokens, want, lp.gather(1, tokens[:, None])[:, 0], top_i, top_v)
