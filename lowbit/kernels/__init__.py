@@ -9,6 +9,7 @@
 | `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token | - |
 | `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
 | `paged_attention` | `kv_cache_write` (with its echo), `paged_decode_attention` over int8 / int4 KV blocks | - |
+| `sampling` | `race_sample`: a batch's categorical draws (exponential race, hashed noise) in one pass over the logits | - |
 | `paged_prefill` | `paged_prefill_attention_triton` (CUDA only; reference: `reference.paged_prefill_attention`): new tokens of several sequences over the same blocks, causal | - |
 
 `common` holds what they share (int4 layout and SWAR widening, split-K, tile order); `testing`

@@ -20,6 +20,8 @@ BLOCK = 4096  # vocabulary entries per step of a program
 
 
 def race_sample_triton(logits, scale, noise, stream, pos):
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
     b, vocab = logits.shape
     splits = max(1, min(cdiv(vocab, BLOCK), cdiv(2 * sm_count(logits.device), b))) if logits.is_cuda else 2
     per_split = cdiv(cdiv(vocab, splits), BLOCK) * BLOCK
