@@ -1,7 +1,9 @@
-"""bench kernels' report: an interrupted run's log read back, and the targets computed from rows."""
+"""bench kernels' report: an interrupted run's log read back, and the targets computed from rows; the peers of
+bench actquant and bench sampling."""
 import json
 
 import pytest
+import torch
 
 from lowbit.bench.kernels import read_result, targets
 from lowbit.errors import LowbitError
@@ -46,3 +48,20 @@ def test_a_file_of_neither_kind_is_refused(tmp_path):
     path.write_text("# notes\n{\"method\": \"W4A8 g128\", \"m\": 1, \"us\": 1.0}\n")
     with pytest.raises(LowbitError, match="neither kernels.json nor the log"):
         read_result(str(path))
+
+
+def test_actquant_benchs_torch_peer_makes_our_codes():
+    """The unfused torch peer of `lowbit bench actquant` computes the int8 format the kernels write."""
+    from lowbit.bench.actquant import _torch_quant
+    from lowbit.kernels import reference, testing
+    y = testing.randn((5, 300), testing.gen()).float()  # the peer quantizes fp32 activations
+    assert torch.equal(_torch_quant(y), reference.quant_per_token(y)[0])
+
+
+def test_sampling_benchs_torch_peer_draws_from_the_softmax():
+    """The torch exponential race of `lowbit bench sampling` (the sampler's path before its kernel)."""
+    from lowbit.bench.sampling import torch_race
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(20000, 1)
+    freq = torch.bincount(torch_race(logits, torch.ones(20000)), minlength=4) / 20000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)

@@ -68,9 +68,12 @@ def test_rmsnorm_quant(t, variant, dtype):
         assert torch.equal(got[2].cpu(), out[2])
 
 
+@pytest.mark.parametrize("config", [None, actquant.RowConfig(chunk=128), actquant.RowConfig(chunk=256, num_warps=2)],
+                         ids=["one_pass", "chunks128", "chunks256"])
 @pytest.mark.parametrize("dtype", [torch.int8, FP8], ids=["int8", "fp8"])
 @pytest.mark.parametrize("t", ROWS)
-def test_silu_mul_quant(t, dtype):
+def test_silu_mul_quant(t, dtype, config):
+    """One pass over the row, or two over chunks (576 = 4.5 x 128: a ragged last chunk)."""
     g = testing.gen()
     x = testing.randn((t, 2 * H), g)
     q, scale = reference.silu_mul_quant(x, dtype)
@@ -78,7 +81,7 @@ def test_silu_mul_quant(t, dtype):
     assert testing.rel_err(_dequant(q, scale), torch.nn.functional.silu(gate) * up) < SILU_QBOUND[dtype]
     if DEV is None or (dtype == FP8 and DEV == "cpu"):
         return
-    got = actquant.silu_mul_quant_triton(x.to(DEV), dtype)
+    got = actquant.silu_mul_quant_triton(x.to(DEV), dtype, config)
     _same_codes(got[0], q, got[1], scale, dtype)
 
 

@@ -1,4 +1,4 @@
-"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu|sampling`; the first two follow vLLM's benchmark conventions,
+"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu|sampling|actquant`; the first two follow vLLM's benchmark conventions,
 the others hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
@@ -89,10 +89,13 @@ def register(sub) -> dict:
     sm = kinds.add_parser("sampling", help="the sampler's one-pass draw against the torch path, on a GPU "
                                            "(lowbit bench sampling --help)", add_help=False, prefix_chars="\0")
     sm.add_argument("argv", nargs="*")
+    aq = kinds.add_parser("actquant", help="the fused activation quantizers against the bf16 and torch paths, on a GPU "
+                                           "(lowbit bench actquant --help)", add_help=False, prefix_chars="\0")
+    aq.add_argument("argv", nargs="*")
 
     handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
                 "profile": _main("profile"), "sass": _main("sass"), "ncu": _main("ncu"),
-                "sampling": _main("sampling")}
+                "sampling": _main("sampling"), "actquant": _main("actquant")}
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 

@@ -10,6 +10,8 @@ to the residual's dtype (it is written back as the next residual) before the nor
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lowbit.kernels import reference
@@ -46,13 +48,27 @@ def quant_per_token_triton(x, out_dtype=torch.int8):
     return q, scale
 
 
-def silu_mul_quant_triton(x, out_dtype=torch.int8):
+@dataclass(frozen=True)
+class RowConfig:
+    """How `silu_mul_quant`'s program covers its token's row; the defaults are `_launch_rows`'.
+    A whole row in one pass holds it in registers (I = 14336: about 200 KB of the SM's 256 KB, one
+    row in flight per SM); `chunk` columns at a time read it twice instead (its absmax, then its
+    codes; the second read mostly from L2) in programs small enough for several rows per SM."""
+    chunk: int | None = None  # columns per pass (None: the whole row, one pass)
+    num_warps: int | None = None  # (None: by the pass's width)
+
+
+def silu_mul_quant_triton(x, out_dtype=torch.int8, config: RowConfig | None = None):
     t, two_i = x.shape
     i = two_i // 2
+    cfg = config or RowConfig()
+    two_pass = cfg.chunk is not None and cfg.chunk < i
+    launch = _launch_rows(cfg.chunk if two_pass else i, FP8=out_dtype == torch.float8_e4m3fn, TWO_PASS=two_pass)
+    if cfg.num_warps:
+        launch["num_warps"] = cfg.num_warps
     q = torch.empty(t, i, dtype=out_dtype, device=x.device)
     scale = torch.empty(t, dtype=torch.float32, device=x.device)
-    _silu_mul_quant_kernel[(t,)](x, q, scale, i, x.stride(0),
-                                 **_launch_rows(i, FP8=out_dtype == torch.float8_e4m3fn))
+    _silu_mul_quant_kernel[(t,)](x, q, scale, i, x.stride(0), **launch)
     return q, scale
 
 
@@ -123,11 +139,30 @@ def _rownorm_quant_kernel(x_ptr, r_ptr, rout_ptr, w_ptr, perm_ptr, q_ptr, s_ptr,
 
 
 @triton.jit
-def _silu_mul_quant_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, FP8: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_cols(x_ptr, offs, ok, I):
+    """SiLU(gate) * up at the columns `offs` of a row of `[gate | up]`, in fp32."""
+    g = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + I + offs, mask=ok, other=0.0).to(tl.float32)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _silu_mul_quant_kernel(x_ptr, q_ptr, s_ptr, I, stride_x, FP8: tl.constexpr, BLOCK: tl.constexpr,
+                           TWO_PASS: tl.constexpr):
+    """One token: its row at once (BLOCK >= I), or BLOCK columns at a time, twice (`RowConfig`)."""
     row = tl.program_id(0)
+    x_row = x_ptr + row * stride_x
     offs = tl.arange(0, BLOCK)
-    ok = offs < I
-    g = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(x_ptr + row * stride_x + I + offs, mask=ok, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
-    _quantize_store(q_ptr + row * I + offs, s_ptr + row, y, tl.max(tl.abs(y), 0), ok, FP8)
+    if TWO_PASS:
+        amax = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, I, BLOCK):
+            amax = tl.maximum(amax, tl.abs(_silu_mul_cols(x_row, c0 + offs, c0 + offs < I, I)))
+        top = tl.max(amax, 0)
+        for c0 in range(0, I, BLOCK):  # the same values again: the same absmax, the one-pass codes
+            ok = c0 + offs < I
+            _quantize_store(q_ptr + row * I + c0 + offs, s_ptr + row, _silu_mul_cols(x_row, c0 + offs, ok, I),
+                            top, ok, FP8)
+    else:
+        ok = offs < I
+        y = _silu_mul_cols(x_row, offs, ok, I)
+        _quantize_store(q_ptr + row * I + offs, s_ptr + row, y, tl.max(tl.abs(y), 0), ok, FP8)
