@@ -123,3 +123,21 @@ def test_sampling_in_row_chunks_equals_one_pass(monkeypatch):
     assert got_tokens == want_tokens
     assert [lp is None for lp in got_lps] == [lp is None for lp in want_lps] == [False] + [True] * 9
     assert got_lps[0].top == want_lps[0].top and got_lps[0].logprob == want_lps[0].logprob
+
+
+def test_a_seeded_draw_depends_on_its_position_only():
+    """No generator state: drawing a sequence's token again at the same position (a preemption's
+    recompute) gives the same token; the next position draws fresh noise; unseeded sequences differ."""
+    logits = torch.randn(1, 1000)
+    params = SamplingParams(temperature=1.0, seed=11)
+    seq = Sequence("a", 0, [0, 1, 2], params, seed=11)
+    first = [draw(logits, [seq]).host()[0][0] for _ in range(3)]
+    assert first == [first[0]] * 3
+    later = []
+    for t in range(20):
+        seq.token_ids.append(t)
+        later.append(draw(logits, [seq]).host()[0][0])
+    assert len(set(later)) > 10  # fresh noise at each position (1000 near-uniform choices)
+    other = [draw(logits, [Sequence(str(i), 0, [0, 1, 2], SamplingParams(temperature=1.0))]).host()[0][0]
+             for i in range(20)]
+    assert len(set(other)) > 10
