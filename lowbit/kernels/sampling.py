@@ -23,6 +23,7 @@ def race_sample_triton(logits, scale, noise, stream, pos):
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     b, vocab = logits.shape
+    # enough (row, split) programs for two waves; the interpreter (tests) always splits, to merge
     splits = max(1, min(cdiv(vocab, BLOCK), cdiv(2 * sm_count(logits.device), b))) if logits.is_cuda else 2
     per_split = cdiv(cdiv(vocab, splits), BLOCK) * BLOCK
     best = torch.empty(b, splits, dtype=torch.float32, device=logits.device)
@@ -37,7 +38,8 @@ def race_sample_triton(logits, scale, noise, stream, pos):
 def race_sample(logits: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor, stream: torch.Tensor,
                 pos: torch.Tensor) -> torch.Tensor:
     """logits `[B, V]` (any float dtype; -inf: excluded), scale / noise fp32 `[B]` (a, b above),
-    stream / pos int32 `[B]` (the row's noise stream, the drawn token's position) -> int64 `[B]`."""
+    stream / pos int64 `[B]` (the row's noise stream, its low 32 bits; the drawn token's position)
+    -> int64 `[B]`."""
     if use_triton(logits):
         return race_sample_triton(logits, scale, noise, stream, pos)
     return reference.race_sample(logits, scale, noise, stream, pos)
