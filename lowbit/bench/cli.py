@@ -1,5 +1,5 @@
-"""`lowbit bench throughput|serve|kernels|e2e|profile|sass|ncu|sampling|actquant`; the first two follow vLLM's benchmark conventions,
-the others hand their arguments to `lowbit.bench.<name>.main`."""
+"""`lowbit bench throughput|serve`, with vLLM's benchmark conventions, and the benchmarks of
+`PASSTHROUGH` (kernels, e2e, profile, ...), which hand their arguments to `lowbit.bench.<name>.main`."""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,18 @@ EPILOG = """examples:
   lowbit serve &    # then, in another shell:
   lowbit bench serve --num-prompts 200 --request-rate 4 --output-json serve.json
   lowbit bench serve --num-prompts 200 --max-concurrency 16"""
+
+
+# the benchmarks that hand their arguments to `lowbit.bench.<name>.main`
+PASSTHROUGH = {
+    "kernels": "GPU kernel microbenchmarks",
+    "e2e": "offline throughput of recipes x workloads and the HF peer in one run, one table",
+    "profile": "where an engine step's time goes, per phase and kernel",
+    "sass": "instruction counts of our kernels' main loops, compiled for sm_90a without a GPU",
+    "ncu": "hardware counters of one kernel launch, by Nsight Compute on a GPU",
+    "sampling": "the sampler's one-pass draw against the torch path, on a GPU",
+    "actquant": "the fused activation quantizers against the bf16 and torch paths, on a GPU",
+}
 
 
 def _workload_args(p: argparse.ArgumentParser, num_prompts: int) -> None:
@@ -71,31 +83,11 @@ def register(sub) -> dict:
     _workload_args(sv, 100)
 
     # no options of their own (no prefix chars), so every argument, --help included, goes to their main
-    kn = kinds.add_parser("kernels", help="GPU kernel microbenchmarks (lowbit bench kernels --help for their options)",
-                          add_help=False, prefix_chars="\0")
-    kn.add_argument("argv", nargs="*")
-    e2e = kinds.add_parser("e2e", help="offline throughput of recipes x workloads and the HF peer in one run, "
-                                       "one table (lowbit bench e2e --help)", add_help=False, prefix_chars="\0")
-    e2e.add_argument("argv", nargs="*")
-    pf = kinds.add_parser("profile", help="where an engine step's time goes, per phase and kernel "
-                                          "(lowbit bench profile --help)", add_help=False, prefix_chars="\0")
-    pf.add_argument("argv", nargs="*")
-    ss = kinds.add_parser("sass", help="instruction counts of our kernels' main loops, compiled for sm_90a "
-                                       "without a GPU (lowbit bench sass --help)", add_help=False, prefix_chars="\0")
-    ss.add_argument("argv", nargs="*")
-    nc = kinds.add_parser("ncu", help="hardware counters of one kernel launch, by Nsight Compute on a GPU "
-                                      "(lowbit bench ncu --help)", add_help=False, prefix_chars="\0")
-    nc.add_argument("argv", nargs="*")
-    sm = kinds.add_parser("sampling", help="the sampler's one-pass draw against the torch path, on a GPU "
-                                           "(lowbit bench sampling --help)", add_help=False, prefix_chars="\0")
-    sm.add_argument("argv", nargs="*")
-    aq = kinds.add_parser("actquant", help="the fused activation quantizers against the bf16 and torch paths, on a GPU "
-                                           "(lowbit bench actquant --help)", add_help=False, prefix_chars="\0")
-    aq.add_argument("argv", nargs="*")
-
-    handlers = {"throughput": _throughput, "serve": _serve, "kernels": _main("kernels"), "e2e": _main("e2e"),
-                "profile": _main("profile"), "sass": _main("sass"), "ncu": _main("ncu"),
-                "sampling": _main("sampling"), "actquant": _main("actquant")}
+    handlers = {"throughput": _throughput, "serve": _serve}
+    for name, about in PASSTHROUGH.items():
+        kinds.add_parser(name, help=f"{about} (lowbit bench {name} --help)", add_help=False,
+                         prefix_chars="\0").add_argument("argv", nargs="*")
+        handlers[name] = _main(name)
     return {"bench": lambda args: handlers[args.benchmark](args)}
 
 
