@@ -53,7 +53,7 @@ def cases(t: int, sweep: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from lowbit.bench.env import environment
-    from lowbit.bench.kernels import bench_ms, measure_roofs
+    from lowbit.bench.kernels import bandwidth, bench_ms, measure_roofs
 
     p = argparse.ArgumentParser(prog="python -m lowbit.bench actquant", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = result["roofs"]["copy_GBps"]
     for t in a.tokens:
         for name, (fn, nbytes) in cases(t, a.sweep).items():
-            ms = bench_ms(fn)
-            row = dict(tokens=t, method=name, us=1e3 * ms, GBps=nbytes / ms / 1e6, roof_pct=100 * nbytes / ms / 1e6 / copy)
+            row = dict(tokens=t, method=name, **bandwidth(bench_ms(fn), nbytes, result["roofs"]))
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
         torch.cuda.empty_cache()

@@ -42,6 +42,13 @@ def bench_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
 
 
+def bandwidth(ms: float, nbytes: int, roofs: dict) -> dict:
+    """A memory-bound row's figures: microseconds, the bytes it must move per second, and that
+    against the copy roof."""
+    return dict(us=ms * 1e3, GBps=nbytes / ms / 1e6, roof_pct=100 * nbytes / roofs["copy_GBps"] / 1e6 / ms,
+                bytes=nbytes)
+
+
 # --- roofs --------------------------------------------------------------------------------------
 
 def measure_roofs() -> dict:
@@ -306,8 +313,7 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
         finally:
             fns = None
             torch.cuda.empty_cache()
-        rows.append(dict(model=model, batch=batch, ctx=ctx, method=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
-                         roof_pct=100 * nbytes / roofs["copy_GBps"] / 1e6 / ms, bytes=nbytes))
+        rows.append(dict(model=model, batch=batch, ctx=ctx, method=name, **bandwidth(ms, nbytes, roofs)))
     return rows
 
 

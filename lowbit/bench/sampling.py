@@ -25,7 +25,7 @@ def torch_race(logits: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     from lowbit.bench.env import environment
-    from lowbit.bench.kernels import bench_ms, measure_roofs
+    from lowbit.bench.kernels import bandwidth, bench_ms, measure_roofs
     from lowbit.kernels.sampling import race_sample
 
     p = argparse.ArgumentParser(prog="python -m lowbit.bench sampling", description=__doc__,
@@ -48,10 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = {"ours (one pass)": lambda: race_sample(logits, ones, ones, stream, pos),
                 "torch exponential race": lambda: torch_race(logits, ones),
                 "torch argmax (greedy)": lambda: logits.argmax(-1)}
+        nbytes = logits.numel() * logits.element_size()
         for name, fn in runs.items():
-            ms = bench_ms(fn)
-            nbytes = logits.numel() * logits.element_size()
-            row = dict(batch=b, method=name, us=1e3 * ms, GBps=nbytes / ms / 1e6, roof_pct=100 * nbytes / ms / 1e6 / copy)
+            row = dict(batch=b, method=name, **bandwidth(bench_ms(fn), nbytes, result["roofs"]))
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
     os.makedirs(a.out, exist_ok=True)

@@ -119,9 +119,10 @@ def draw(logits: torch.Tensor, seqs: list[Sequence], top: int | None = None) -> 
     if all(greedy):
         tokens = logits.argmax(-1)
     else:
-        z, scale = logits, [1.0 if g else 1.0 / s.params.temperature for g, s in zip(greedy, seqs)]
         if _cuts(seqs, logits.shape[-1]):
-            z, scale = _filter(logits.float(), seqs), [1.0] * len(seqs)
+            z, scale = _filter(logits.float(), seqs), [1.0] * len(seqs)  # the temperature is in z
+        else:
+            z, scale = logits, [1.0 if g else 1.0 / s.params.temperature for g, s in zip(greedy, seqs)]
         noise = [0.0 if g else 1.0 for g in greedy]  # greedy rows: the argmax, in the same pass
         streams, positions = [s.stream for s in seqs], [len(s.token_ids) for s in seqs]  # the drawn token's
         tokens = race_sample(z, to_device(scale, torch.float32, dev), to_device(noise, torch.float32, dev),
