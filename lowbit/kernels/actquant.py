@@ -51,10 +51,10 @@ def quant_per_token_triton(x, out_dtype=torch.int8):
 @dataclass(frozen=True)
 class RowConfig:
     """How `silu_mul_quant`'s program covers its token's row; the defaults are `_launch_rows`'.
-    A whole row in one pass is held in registers (I = 14336: 16 warps of 56 registers, two rows in
-    flight per SM, compiled for sm_90a by Triton 3.6); `chunk` columns at a time read it twice
-    instead (its absmax, then its codes; the second read mostly from L2) in programs small enough
-    for more rows per SM (2048 columns, 4 warps: 40 registers, 12 programs)."""
+    A whole row in one pass is held in registers, which bounds the rows in flight per SM; `chunk`
+    columns at a time read it twice instead (its absmax, then its codes; the second read mostly
+    from L2) in smaller programs, so that more rows fit an SM. Which is faster is the sweep's to
+    say (`lowbit bench actquant --sweep`; not timed yet)."""
     chunk: int | None = None  # columns per pass (None: the whole row, one pass)
     num_warps: int | None = None  # (None: by the pass's width)
 
