@@ -31,7 +31,7 @@ def _kv(t, g, dtype=torch.float32):
 
 
 def _slots(t, n_blocks, g):
-    slots = torch.randperm(n_blocks * BS, generator=g)[:t]
+    slots = testing.run_slots(n_blocks, BS, [1, 5, 2, 8, 4], g)[:t]
     slots[[1, 5]] = -1
     return slots
 
@@ -39,7 +39,7 @@ def _slots(t, n_blocks, g):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_kernel_cache_matches_the_generic_cache(bits):
     g = testing.gen()
-    n_blocks, t = 6, 20
+    n_blocks, t = 8, 20
     spec = KVSpec(bits)
     kernel = make_kv_cache(n_blocks, BS, HKV, D, torch.float32, "cpu", spec)
     generic = QuantizedPagedKVCache(n_blocks, BS, HKV, D, torch.float32, "cpu", spec)
@@ -60,7 +60,7 @@ def test_store_echoes_what_the_cache_holds(spec, dtype):
     """The fresh-prompt path attends over the write's echo instead of reading the cache back: the
     echo must be what `read` returns for the stored rows, and the same format's values for the rest."""
     g = testing.gen()
-    n_blocks, t = 6, 20
+    n_blocks, t = 8, 20
     cache = make_kv_cache(n_blocks, BS, HKV, D, dtype, "cpu", spec)
     k, v = _kv(t, g, dtype)
     slots = _slots(t, n_blocks, g)
@@ -86,10 +86,12 @@ def test_bytes_per_token_is_what_the_cache_allocates(spec):
 
 
 def test_which_cache_serves_which_format():
-    assert kv_cache_class(None, D) is PagedKVCache
-    assert kv_cache_class(KVSpec(4), D) is KernelKVCache and kv_cache_class(KVSpec(8), 128) is KernelKVCache
-    for spec, d in ((KVSpec(4, group_size=16), D), (KVSpec(8, fp8=True), D), (KVSpec(4), 16), (KVSpec(8), 96)):
-        assert kv_cache_class(spec, d) is QuantizedPagedKVCache
+    assert kv_cache_class(None, D, BS) is PagedKVCache
+    assert kv_cache_class(KVSpec(4), D, BS) is KernelKVCache and kv_cache_class(KVSpec(8), 128, BS) is KernelKVCache
+    assert kv_cache_class(KVSpec(8), D, 24) is KernelKVCache
+    for spec, d, bs in ((KVSpec(4, group_size=16), D, BS), (KVSpec(8, fp8=True), D, BS), (KVSpec(4), 16, BS),
+                        (KVSpec(8), 96, BS), (KVSpec(4), D, 24), (KVSpec(4), D, 1)):  # int4 V: blocks of 2^k >= 2
+        assert kv_cache_class(spec, d, bs) is QuantizedPagedKVCache
     bf16, fp32 = (PagedKVCache(2, BS, HKV, D, dt, "cpu") for dt in (torch.bfloat16, torch.float32))
     assert bf16.decode_kernel and not fp32.decode_kernel  # fp32 keeps the torch path
 

@@ -10,7 +10,8 @@ if not torch.cuda.is_available():
 from lowbit.kernels import reference, testing  # noqa: E402
 from lowbit.kernels.paged_attention import (DecodeConfig, kv_cache_write_triton,  # noqa: E402
                                             paged_decode_attention_triton)
-from lowbit.quant.kv import kv_roundtrip  # noqa: E402
+from lowbit.quant.formats import unpack_int4  # noqa: E402
+from lowbit.quant.kv import kv_roundtrip, quantize_kv  # noqa: E402
 from lowbit.quant.recipes import KVSpec  # noqa: E402
 
 DEV = testing.triton_device()
@@ -36,19 +37,19 @@ def test_cache_write_16bit(d):
 
 def _check_cache_write(bits, d, sign):
     g = testing.gen()
-    t, n_blocks = 21, 4
+    t, n_blocks = 21, 5
     key, value = testing.randn((t, HKV, d), g), testing.randn((t, HKV, d), g)
     if sign:  # one-signed rows: the quantization range must still hold 0 (quant/kv.py's contract)
         key, value = sign * (key.abs() + 0.5), sign * (value.abs() + 0.5)
-    slots = torch.randperm(n_blocks * BS, generator=g)[:t].to(torch.int64)
+    slots = testing.run_slots(n_blocks, BS, [1, 5, 2, 9, 4], g)
     slots[[3, 11]] = -1
     caches = _empty_cache(n_blocks, d, bits, g)
     ref = [None if c is None else c.clone() for c in caches]
     echo = reference.kv_cache_write(key, value, *ref, slots, echo=True)
     keep = slots >= 0
-    for x, cache, sz, e in ((key, ref[0], ref[2], echo[0]), (value, ref[1], ref[3], echo[1])):
-        at = reference.at_slots(cache, slots[keep])
-        got = reference.kv_dequant(cache[at], None if sz is None else sz[at], d)
+    packed = (False, bits == 4)
+    for x, cache, sz, e, tp in ((key, ref[0], ref[2], echo[0], packed[0]), (value, ref[1], ref[3], echo[1], packed[1])):
+        got = reference.kv_values(cache, sz, slots[keep], d, tp)
         assert e.dtype == x.dtype and torch.equal(e[keep], got.to(x.dtype))  # the echo: what the cache holds
         if bits == 16:
             assert torch.equal(got, x[keep].float())
@@ -58,17 +59,16 @@ def _check_cache_write(bits, d, sign):
         assert torch.equal(e, kv_roundtrip(x.float(), KVSpec(bits)).to(x.dtype))  # unstored rows echo too
     untouched = torch.ones(n_blocks * BS, dtype=torch.bool)
     untouched[slots[keep]] = False
-    for c, r in zip(caches, ref):
+    for c, r, tp in zip(caches, ref, packed + (False, False)):
         if c is not None:
-            at = reference.at_slots(c, torch.arange(n_blocks * BS)[untouched])
-            assert torch.equal(c[at], r[at])
+            rest = torch.arange(n_blocks * BS)[untouched]
+            assert torch.equal(reference.codes_at(c, rest, tp), reference.codes_at(r, rest, tp))
     if DEV is None:
         return
     out = [None if c is None else c.to(DEV) for c in caches]
     echo_dev = kv_cache_write_triton(key.to(DEV), value.to(DEV), *out, slots.to(DEV), echo=True)
-    for e, cache, sz in zip(echo_dev, out[:2], out[2:]):  # exactly what this cache now holds
-        at = reference.at_slots(cache, slots[keep].to(DEV))
-        held = reference.kv_dequant(cache[at], None if sz is None else sz[at], d)
+    for e, cache, sz, tp in zip(echo_dev, out[:2], out[2:], packed):  # exactly what this cache now holds
+        held = reference.kv_values(cache, sz, slots[keep].to(DEV), d, tp)
         assert torch.equal(e[keep.to(DEV)], held.to(e.dtype))
     for e, r in zip(echo_dev, echo):  # unstored rows too: the reference's, but for a rare tie's one step
         assert testing.rel_err(e.cpu(), r.double()) < (1e-6 if bits == 16 else QBOUND[bits] / 4)
@@ -81,6 +81,34 @@ def _check_cache_write(bits, d, sign):
         nib = (lambda c: torch.stack((c & 15, c >> 4), -1)) if bits == 4 else (lambda c: c)
         diff = (nib(o.cpu()).int() - nib(r).int()).abs()
         assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("write_first", [[0, 2], [1], [0, 1, 2, 3]], ids=["evens", "odd", "both"])
+def test_int4_v_pairs_share_a_byte(write_first):
+    """Tokens 2j and 2j + 1 share a V byte: a write of one keeps the other's nibble, whether the
+    other came in an earlier call or comes beside it in the same call (the Triton write quantizes the
+    neighbour row too and stores the same byte); rows of one byte that are not neighbours are refused."""
+    g, d = testing.gen(), 64
+    caches = _empty_cache(2, d, 4, g)
+    x = [testing.randn((6, HKV, d), g) for _ in range(2)]
+    first = torch.tensor(write_first) + BS  # block 1, offsets 0..3
+    second = torch.tensor([i for i in range(4) if i not in write_first] + [4, 5]) + BS
+    devs = ["cpu"] + ([DEV] if DEV is not None else [])
+    results = []
+    for dev in devs:
+        c = [t.clone().to(dev) for t in caches]
+        write = reference.kv_cache_write if dev == "cpu" else kv_cache_write_triton
+        write(x[0][:len(first)].to(dev), x[1][:len(first)].to(dev), *c, first.to(dev))
+        write(x[0][len(first):].to(dev), x[1][len(first):].to(dev), *c, second.to(dev))
+        results.append([t.cpu() for t in c])
+    allslots = torch.cat((first, second))
+    want = kv_roundtrip(torch.cat((x[1][:len(first)], x[1][len(first):])).float(), KVSpec(4))
+    for c in results:
+        assert torch.equal(reference.kv_values(c[1], c[3], allslots, d, True), want)
+        untouched = torch.arange(BS)  # block 0 as it was
+        assert torch.equal(reference.codes_at(c[1], untouched, True), reference.codes_at(caches[1], untouched, True))
+    with pytest.raises(ValueError, match="neighbours"):
+        reference.kv_cache_write(x[0][:3], x[1][:3], *[t.clone() for t in caches], torch.tensor([20, 7, 21]))
 
 
 def _decode_case(bits, d, seq_lens, g, device="cpu", hq=HQ, hkv=HKV):
@@ -159,10 +187,25 @@ def test_cache_layout_is_head_major():
     assert torch.equal(k.reshape(-1)[((2 * HKV + 1) * BS + 6) * 64:][:64], key[1, 1])
 
 
+def test_int4_v_layout_packs_tokens():
+    """int4 V, by hand: slot 37 (block 2, offset 5) is the high nibble of byte 2 of each dim's run,
+    slot 36 the low one; a dim's 8 bytes are the block's 16 tokens, the next dim's follow."""
+    g = testing.gen()
+    k, v, ksz, vsz = _empty_cache(4, 64, 4, g)
+    value = testing.randn((2, HKV, 64), g)
+    reference.kv_cache_write(value, value, k, v, ksz, vsz, torch.tensor([36, 37]))
+    codes = unpack_int4(quantize_kv(value.float(), 4)[0], 64, signed=False)  # [2, HKV, 64]
+    assert v.shape == (4, HKV, 64, BS // 2)
+    assert torch.equal(v[2, 1, :, 2], codes[0, 1] | (codes[1, 1] << 4))
+    flat = v.reshape(-1)
+    assert torch.equal(flat[((2 * HKV + 1) * 64 + 3) * (BS // 2) + 2], v[2, 1, 3, 2])
+
+
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
 @pytest.mark.parametrize("config", [DecodeConfig(block_n=64, num_stages=2), DecodeConfig(maxnreg=128, waves=8),
-                                    DecodeConfig(block_n=64, num_warps=2, waves=8), DecodeConfig()],
-                         ids=["bn64", "maxnreg128", "two_warps", "four_warps"])
+                                    DecodeConfig(block_n=64, num_warps=2, waves=8), DecodeConfig(),
+                                    DecodeConfig(block_n=32, num_warps=1), DecodeConfig(block_n=16, num_warps=1)],
+                         ids=["bn64", "maxnreg128", "two_warps", "four_warps", "bn32", "bn16"])
 @pytest.mark.parametrize("bits", [8, 4])
 def test_decode_configs_the_sweep_times_match_float64(bits, config):
     args, scale, want = _decode_case(bits, 64, [17, 3, 300], testing.gen(), DEV)

@@ -293,15 +293,22 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     if sweep:
         # the defaults differ per width (default_decode_config); DecodeConfig(): 4 warps, 128-token steps, no cap
         # (2026-12-04 on the H200: 64-token steps, 8 warps, 2 stages and 16 waves of four-warp programs
-        # were slower everywhere; docs/benchmarks.md)
-        for cfg in (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128),
-                    DecodeConfig(maxnreg=128, waves=8),
-                    # KV4 at 96 registers: 5 programs per SM, 35 spill instructions a step (`bench sass`)
-                    DecodeConfig(maxnreg=96), DecodeConfig(maxnreg=96, waves=8),
-                    # one or two warps a program: row reductions within a warp, no barrier across warps
-                    DecodeConfig(block_n=32, num_warps=1, waves=16), DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
-                    DecodeConfig(block_n=64, num_warps=2, waves=8)):
-            for bits in (8, 4):
+        # were slower everywhere for KV8; docs/benchmarks.md)
+        configs = {8: (DecodeConfig(), DecodeConfig(waves=8), DecodeConfig(num_stages=4), DecodeConfig(maxnreg=128),
+                       DecodeConfig(maxnreg=128, waves=8),
+                       # one or two warps a program: row reductions within a warp, no barrier across warps
+                       DecodeConfig(block_n=32, num_warps=1, waves=16),
+                       DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
+                       DecodeConfig(block_n=64, num_warps=2, waves=8)),
+                   # KV4's transposed kernel (`bench sass`, 64-token steps: 8.1 bytes per warp instruction at
+                   # one warp, 168 registers; 5.0 at two warps; 32-token steps 6.1; 128-token steps 8.9 at 252)
+                   4: (DecodeConfig(), DecodeConfig(block_n=64, num_warps=1, waves=8),
+                       DecodeConfig(block_n=64, num_warps=1, waves=32), DecodeConfig(block_n=64, num_warps=1, num_stages=4),
+                       DecodeConfig(block_n=64, num_warps=1, num_stages=2), DecodeConfig(block_n=32, num_warps=1, waves=16),
+                       DecodeConfig(block_n=128, num_warps=1, waves=16), DecodeConfig(block_n=128, num_warps=2, waves=8),
+                       DecodeConfig(block_n=64, num_warps=2, waves=8))}
+        for bits, cfgs in configs.items():
+            for cfg in cfgs:
                 builders[f"KV{bits} paged [{_label(cfg)}]"] = \
                     lambda bits=bits, cfg=cfg: paged_decode_case(model, batch, ctx, bits, cfg)
     for name, build in builders.items():

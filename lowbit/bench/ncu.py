@@ -26,7 +26,7 @@ SECTIONS = ["SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "Memor
             "SchedulerStats"]
 # case -> the kernel profiled, by name (cuBLAS and cuDNN name theirs), and the cache's bits (None:
 # SDPA in bf16) or for a GEMM the method of `lowbit.bench.kernels` that builds it
-ATTENTION = {"decode-kv4": ("_paged_decode_kernel", 4), "decode-kv8": ("_paged_decode_kernel", 8),
+ATTENTION = {"decode-kv4": ("_paged_decode_kv4_kernel", 4), "decode-kv8": ("_paged_decode_kernel", 8),
              "sdpa": ("flash|fmha|sdpa", None)}
 GEMMS = {"w4a8": ("_w4a8_kernel", "W4A8 g128"), "w4a8-chan": ("_w4a8_kernel", "W4A8 chan"),
          "w4a16": ("_w4a16_kernel", "W4A16 g128"), "w8a8": ("_w8a8_kernel", "W8A8 int8"),

@@ -64,10 +64,12 @@ def _decode_preset(bits: int, **config) -> Preset:
     per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
     name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
     name += "".join(f" {k}={v}" for k, v in config.items() if k != "maxnreg")
-    return Preset(name,
-                  "lowbit.kernels.paged_attention:_paged_decode_kernel", types,
-                  dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
-                       SPLITS=4, ASM=True),
+    kernel, constexprs = "_paged_decode_kernel", dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
+                                                       SPLITS=4, ASM=True)
+    if bits == 4:  # token-packed V: the transposed kernel, heads padded to 8
+        kernel, constexprs = "_paged_decode_kv4_kernel", dict(HKV=8, GQ=4, D=d, BS=16, BH=8, BN=cfg.block_n, SPLITS=4,
+                                                              ASM=True)
+    return Preset(name, f"lowbit.kernels.paged_attention:{kernel}", types, constexprs,
                   cfg.num_warps, cfg.num_stages, cfg.block_n * per_token,
                   f"paged decode attention, {bits}-bit cache, {cfg.block_n} tokens per iteration",
                   ("stride_qb", "stride_qh", "stride_bt", "per_split"), cfg.maxnreg, tuple(config.items()))
@@ -309,7 +311,7 @@ def main(argv=None) -> None:
     names = args.kernel or sorted(known)
     if args.decode_config:
         changes = _int_fields(args.decode_config)
-        rows = [report(_decode_preset(known[n].constexprs["BITS"], **{**dict(known[n].changes), **changes})
+        rows = [report(_decode_preset(known[n].constexprs.get("BITS", 4), **{**dict(known[n].changes), **changes})
                        if n.startswith("decode-") else known[n]) for n in names]
     else:
         rows = [report(known[name]) for name in names]

@@ -11,7 +11,7 @@ import torch
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
 from lowbit.kernels.common import use_triton
 from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
-from lowbit.kernels.reference import at_slots, kv_dequant
+from lowbit.kernels.reference import at_slots, kv_values
 from lowbit.quant.kv import dequantize_kv, quantize_kv
 
 
@@ -45,13 +45,10 @@ class PagedKVCache:
 
     def read(self, slots: torch.Tensor):
         """K/V at the cache slots `slots` `[N]` -> two `[N, n_kv_heads, head_dim]` in the model dtype."""
-        return self._values(self.k, self.k_sz, slots), self._values(self.v, self.v_sz, slots)
-
-    def _values(self, cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor) -> torch.Tensor:
-        at = at_slots(cache, slots)
-        if sz is None:
-            return cache[at]
-        return kv_dequant(cache[at], sz[at], self.head_dim).to(self.dtype)
+        if self.k_sz is None:
+            return self.k[at_slots(self.k, slots)], self.v[at_slots(self.v, slots)]
+        return (kv_values(self.k, self.k_sz, slots, self.head_dim).to(self.dtype),
+                kv_values(self.v, self.v_sz, slots, self.head_dim, self.v_tokens_packed).to(self.dtype))
 
     def decode(self, q: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                max_seq_len: int | None) -> torch.Tensor:
@@ -86,14 +83,17 @@ class PagedKVCache:
 
 class KernelKVCache(PagedKVCache):
     """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
-    `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]`, fp32 (scale, zero) pairs
+    `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]` (int4's V packed along the tokens instead:
+    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`), fp32 (scale, zero) pairs
     `[num_blocks, n_kv_heads, block_size, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
         shape = (num_blocks, num_kv_heads, block_size)
-        width = head_dim * spec.bits // 8
-        self.k, self.v = (torch.zeros(*shape, width, dtype=torch.uint8, device=device) for _ in range(2))
+        self.k = torch.zeros(*shape, head_dim * spec.bits // 8, dtype=torch.uint8, device=device)
+        self.v_tokens_packed = spec.bits == 4
+        v_shape = (num_blocks, num_kv_heads, head_dim, block_size // 2) if self.v_tokens_packed else self.k.shape
+        self.v = torch.zeros(v_shape, dtype=torch.uint8, device=device)
         self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float32, device=device) for _ in range(2))
 
     @property
@@ -101,8 +101,10 @@ class KernelKVCache(PagedKVCache):
         return True
 
     @staticmethod
-    def fits(spec, head_dim: int) -> bool:
-        return spec.bits in (4, 8) and spec.group_size is None and not spec.fp8 and supports_head_dim(head_dim)
+    def fits(spec, head_dim: int, block_size: int) -> bool:
+        """int4's token-packed V wants blocks of a power of two tokens (>= 2: two per byte)."""
+        return (spec.bits in (4, 8) and spec.group_size is None and not spec.fp8 and supports_head_dim(head_dim)
+                and (spec.bits == 8 or (block_size >= 2 and block_size & (block_size - 1) == 0)))
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
@@ -155,15 +157,15 @@ class QuantizedPagedKVCache(PagedKVCache):
         return 2 * num_kv_heads * (code_bytes + groups * (4 + (0 if spec.fp8 else 1)))
 
 
-def kv_cache_class(spec, head_dim: int) -> type[PagedKVCache]:
+def kv_cache_class(spec, head_dim: int, block_size: int) -> type[PagedKVCache]:
     """The cache for a layer's KV format (`quant.recipes.KVSpec`, None: the model dtype)."""
     if spec is None:
         return PagedKVCache
-    return KernelKVCache if KernelKVCache.fits(spec, head_dim) else QuantizedPagedKVCache
+    return KernelKVCache if KernelKVCache.fits(spec, head_dim, block_size) else QuantizedPagedKVCache
 
 
 def make_kv_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device,
                   spec=None) -> PagedKVCache:
     args = (num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
-    cls = kv_cache_class(spec, head_dim)
+    cls = kv_cache_class(spec, head_dim, block_size)
     return cls(*args) if spec is None else cls(*args, spec)

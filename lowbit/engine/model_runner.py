@@ -61,7 +61,7 @@ def num_kv_blocks(cfg: EngineConfig, model_cfg: ModelConfig, model: torch.nn.Mod
         return cfg.num_kv_blocks
     heads, dim = model_cfg.num_kv_heads, model_cfg.head_dim
     per_block = cfg.block_size * sum(
-        kv_cache_class(a.kv_spec, dim).bytes_per_token(heads, dim, getattr(torch, cfg.dtype), a.kv_spec)
+        kv_cache_class(a.kv_spec, dim, cfg.block_size).bytes_per_token(heads, dim, getattr(torch, cfg.dtype), a.kv_spec)
         for a in model.attention_layers()
     )
     if cfg.device.startswith("cuda"):

@@ -3,8 +3,11 @@
 Cache layout (one set for K, one for V), head-major within a block: a (block, kv head)'s tokens
 are one contiguous run (int4, block size 16: 1 KB of codes), which the decode kernel reads about
 10% faster than 64-byte pieces a token's heads apart (batch 64, H200; docs/benchmarks.md):
-- codes uint8 `[num_blocks, n_kv_heads, block_size, head_dim]` (int8), or
-  `[num_blocks, n_kv_heads, block_size, head_dim / 2]` (int4, `pack_int4` order along head_dim);
+- codes uint8 `[num_blocks, n_kv_heads, block_size, head_dim]` (int8), or for int4: K
+  `[num_blocks, n_kv_heads, block_size, head_dim / 2]` (`pack_int4` order along head_dim) and V
+  `[num_blocks, n_kv_heads, head_dim, block_size / 2]`, packed along the tokens (a dim's codes of
+  tokens 2j and 2j + 1 in the low and high nibble of byte j: `reference.v_tokens_packed`), so that
+  the P.V product, which runs along the tokens, takes its operand pairs straight from one byte;
 - scale and zero fp32 `[num_blocks, n_kv_heads, block_size, 2]`, one pair per (token, head):
   `s = (max - min) / (2^b - 1)` (1 for a constant row), `z = clamp(round(-min / s), 0, 2^b - 1)`,
   `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x ~ (q - z) * s`;
@@ -12,7 +15,8 @@ are one contiguous run (int4, block size 16: 1 KB of codes), which the decode ke
   fp16; the write also takes fp32), no scale and zero (None).
 
 Decode attention (one query token per sequence, GQA): one program per (sequence, kv head, split
-of the context); the group's query heads share each K/V tile (padded to the MMA's 16 rows).
+of the context); the group's query heads share each K/V tile (padded to the MMA's 16 rows; int4:
+the tokens are the MMAs' rows and the heads their columns, padded to 8, see `_paged_decode_kv4_kernel`).
 Codes enter fp16 MMAs without a conversion:
 a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
 gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
@@ -47,11 +51,12 @@ class DecodeConfig:
 
 
 # per cache width, from the sweep of 2026-12-04 on the H200 (docs/benchmarks.md): 16-bit tiles are 2-4x
-# larger (half the tokens per step); KV4 capped at 128 registers runs 4 programs per SM instead of 3 (no
-# spills): 11% faster at batch 64 x 4k, 7-8% at batch 2048; KV8 as one-warp programs (row reductions within
-# the warp, no barrier across warps) of 32-token steps: 7-8% faster at batch 64 x 4k and at batch 2048
+# larger (half the tokens per step); KV8 as one-warp programs (row reductions within the warp, no barrier
+# across warps) of 32-token steps: 7-8% faster at batch 64 x 4k and at batch 2048. KV4 (token-packed V):
+# one-warp programs of 64-token steps, the fewest instructions per byte of the configs compiled
+# (`lowbit bench sass`: 7.9 bytes per warp instruction against 4.9 for the 4-warp kernel it replaced)
 _DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(block_n=32, num_warps=1, waves=16, maxnreg=168),
-                   4: DecodeConfig(maxnreg=128)}
+                   4: DecodeConfig(block_n=64, num_warps=1, waves=16)}
 
 
 def default_decode_config(bits: int) -> DecodeConfig:
@@ -74,10 +79,11 @@ def kv_cache_write_triton(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping
     t, hkv, d = key.shape
     bits, bs = kv_bits(k_cache, d), k_cache.shape[2]
     echoed = []
-    for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
+    for x, cache, sz, packed in ((key, k_cache, k_sz, False), (value, v_cache, v_sz, bits == 4)):
         out = torch.empty(t, hkv, d, dtype=x.dtype, device=x.device) if echo and bits != 16 else x
-        _kv_write_kernel[(t,)](x, cache, sz, slot_mapping, out, x.stride(0), x.stride(1), HKV=hkv, BS=bs, D=d,
-                               BITS=bits, BH=triton.next_power_of_2(hkv), ECHO=out is not x, num_warps=4)
+        _kv_write_kernel[(t,)](x, cache, sz, slot_mapping, out, x.stride(0), x.stride(1), t, HKV=hkv, BS=bs, D=d,
+                               BITS=bits, BH=triton.next_power_of_2(hkv), ECHO=out is not x, TOKENS_PACKED=packed,
+                               num_warps=4)
         echoed.append(out.to(cache.dtype) if bits == 16 else out)
     return tuple(echoed) if echo else None
 
@@ -87,6 +93,8 @@ def kv_cache_write(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
                    echo: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Quantize key/value `[T, n_kv_heads, head_dim]` into the cache slots `slot_mapping` `[T]`
     (block * block_size + offset; -1: skip), in place; a 16-bit cache (k_sz, v_sz None) stores them as they are.
+    An int4 V byte holds two slots' codes (2j, 2j + 1): rows writing both in one call must be neighbours
+    in `slot_mapping`, as a sequence's consecutive tokens are (`reference.check_pairs_adjacent`).
     With `echo`, also returns every row's K and V as the cache holds them (dequantized, in key's
     dtype; a 16-bit cache: in its dtype), so attention over these tokens needs no read-back."""
     if use_triton(key):
@@ -118,12 +126,16 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
         part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    _paged_decode_kernel[(b, hkv, splits)](
-        q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), per_split,
-        HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits, BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n,
-        SPLITS=splits, ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        maxnreg=cfg.maxnreg)
+    args = (q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, out, part_o, part_lse, scale,
+            q.stride(0), q.stride(1), block_tables.stride(0), per_split)
+    launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+    if bits == 4:
+        _paged_decode_kv4_kernel[(b, hkv, splits)](*args, HKV=hkv, GQ=gq, D=d, BS=bs, BH=max(8, triton.next_power_of_2(gq)),
+                                                   BN=cfg.block_n, SPLITS=splits, ASM=q.is_cuda, **launch)
+    else:
+        _paged_decode_kernel[(b, hkv, splits)](*args, HKV=hkv, GQ=gq, D=d, BS=bs, BITS=bits,
+                                               BH=max(16, triton.next_power_of_2(gq)), BN=cfg.block_n, SPLITS=splits,
+                                               ASM=q.is_cuda, **launch)
     if splits > 1:
         _merge_splits_kernel[(b, hq)](part_o, part_lse, out, D=d, SPLITS=splits,
                                       SP=triton.next_power_of_2(splits), num_warps=4)
@@ -158,10 +170,21 @@ def _quant_asym(x, lo, hi, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, stride_h, HKV: tl.constexpr,
-                     BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BH: tl.constexpr, ECHO: tl.constexpr):
+def _quant_row(ptrs, h_ok, QMAX: tl.constexpr):
+    """Codes, scale and zero of the rows at `ptrs` `[heads, D]`, their range holding 0 (quant/kv.py)."""
+    x = tl.load(ptrs, mask=h_ok, other=0.0).to(tl.float32)
+    return _quant_asym(x, tl.minimum(tl.min(x, 1), 0.0)[:, None], tl.maximum(tl.max(x, 1), 0.0)[:, None], QMAX)
+
+
+@triton.jit
+def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, stride_h, n_tokens, HKV: tl.constexpr,
+                     BS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BH: tl.constexpr, ECHO: tl.constexpr,
+                     TOKENS_PACKED: tl.constexpr):
     """One token's heads -> their cache slot; with ECHO also `(c - z) * s` (what the cache now
-    holds) into a contiguous `[T, HKV, D]` of x's dtype, for every token (slot -1 too)."""
+    holds) into a contiguous `[T, HKV, D]` of x's dtype, for every token (slot -1 too).
+    TOKENS_PACKED (int4 V): the slot's byte also holds its partner slot's (slot ^ 1) codes; when the
+    row beside this one writes the partner, both programs quantize both rows and store the same byte,
+    else the partner's nibble is kept from the cache."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BH)
@@ -174,10 +197,25 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
         offs_d = tl.arange(0, D)
         x = tl.load(rows + offs_d[None, :], mask=h_ok, other=0.0)
         tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], x.to(cache_ptr.dtype.element_ty), mask=ok)
+    elif TOKENS_PACKED:
+        offs_d = tl.arange(0, D)
+        c, s, z = _quant_row(rows + offs_d[None, :], h_ok, 15.0)
+        partner = slot ^ 1
+        prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-2)
+        nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < n_tokens, other=-2)
+        byte_ptr = cache_ptr + ((slot // BS * HKV + offs_h[:, None]) * D + offs_d[None, :]) * (BS // 2) + slot % BS // 2
+        if (slot >= 0) & ((prev == partner) | (nxt == partner)):
+            other = tl.where(prev == partner, t - 1, t + 1)
+            cp, _, _ = _quant_row(x_ptr + other * stride_t + offs_h[:, None] * stride_h + offs_d[None, :], h_ok, 15.0)
+        else:
+            cp = (tl.load(byte_ptr, mask=ok, other=0) >> (4 - 4 * (slot % 2)).to(tl.uint8)) & 15
+        even = (slot % 2) == 0
+        tl.store(byte_ptr, tl.where(even, c | (cp << 4), cp | (c << 4)), mask=ok)
+        if ECHO:
+            tl.store(echo_rows + offs_d[None, :], ((c.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty), mask=h_ok)
     elif BITS == 8:
         offs_d = tl.arange(0, D)
-        x = tl.load(rows + offs_d[None, :], mask=h_ok, other=0.0).to(tl.float32)
-        c, s, z = _quant_asym(x, tl.minimum(tl.min(x, 1), 0.0)[:, None], tl.maximum(tl.max(x, 1), 0.0)[:, None], 255.0)
+        c, s, z = _quant_row(rows + offs_d[None, :], h_ok, 255.0)
         tl.store(cache_ptr + dst[:, None] * D + offs_d[None, :], c, mask=ok)
         if ECHO:
             tl.store(echo_rows + offs_d[None, :], ((c.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty), mask=h_ok)
@@ -260,18 +298,14 @@ def _code_scores(raw_init, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS: tl.conste
 
 
 @triton.jit
-def _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS: tl.constexpr, ASM: tl.constexpr):
-    """The accumulators times alpha plus `p @ V` over a tile of value codes, `p * s_v` weighing each
-    token; int4's high plane accumulates 16 (c - z) in acc_b. v_s as k_s in `_code_scores`; v_z: each
-    value row's zero `[BN, 1]`, taken off its codes in fp16 (`(1024 + c) - (1024 + z)`: small
-    integers, exact, since the write's zeros are integer codes), so no per-row correction is summed
-    across the tokens (a reduction across the warps)."""
+def _code_values(p, alpha, acc, vc, v_s, v_z, ASM: tl.constexpr):
+    """The accumulator times alpha plus `p @ V` over a tile of int8 value codes `[BN, D]`, `p * s_v`
+    weighing each token. v_s as k_s in `_code_scores`; v_z: each value row's zero `[BN, 1]`, taken off
+    its codes in fp16 (`(1024 + c) - (1024 + z)`: small integers, exact, since the write's zeros are
+    integer codes), so no per-row correction is summed across the tokens (a reduction across the warps)."""
     pv = (p * v_s).to(tl.float16)
-    va, vb = _codes_fp16(vc, BITS, ASM, False)
-    acc_a = acc_a * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
-    if BITS == 4:
-        acc_b = acc_b * alpha[:, None] + tl.dot(pv, vb - (16.0 * v_z + 1024.0).to(tl.float16))
-    return acc_a, acc_b
+    va, _ = _codes_fp16(vc, 8, ASM, False)
+    return acc * alpha[:, None] + tl.dot(pv, va - (v_z + 1024.0).to(tl.float16))
 
 
 @triton.jit
@@ -283,51 +317,36 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
-    DC: tl.constexpr = D // 2 if BITS == 4 else D  # cache elements per (token, head)
-    STEP: tl.constexpr = 2 if BITS == 4 else 1  # head_dim stride of one code plane
     seq_len = tl.load(sl_ptr + b)
     start = sp * per_split
     end = tl.minimum(start + per_split, seq_len)
     offs_h = tl.arange(0, BH)
-    offs_c = tl.arange(0, DC)
+    offs_d = tl.arange(0, D)
     h_ok = offs_h[:, None] < GQ
     q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
-    # the same offsets through a `%`, which hides their contiguity from Triton: so the KV4 loop compiles
-    # to 168 registers (3 programs per SM), 190 (2) without it (Triton 3.6, `lowbit bench sass`)
-    offs_q = offs_c % DC
     if BITS == 16:  # the query in the cache's dtype
-        qa = tl.load(q_rows + offs_q[None, :], mask=h_ok, other=0.0).to(kc_ptr.dtype.element_ty)
+        qa = tl.load(q_rows + offs_d[None, :], mask=h_ok, other=0.0).to(kc_ptr.dtype.element_ty)
     else:
-        # query planes: all of head_dim (int8), or its even and odd dims (int4 low and high nibbles)
-        # (the high-nibble plane is 1024 + 16 c: its query is divided by 16, exactly)
-        qa = tl.load(q_rows + STEP * offs_q[None, :], mask=h_ok, other=0.0).to(tl.float16)
+        qa = tl.load(q_rows + offs_d[None, :], mask=h_ok, other=0.0).to(tl.float16)
         qsum = tl.sum(qa.to(tl.float32), 1)
-        q_1024 = 1024.0 * qsum  # q . 1024
-        qb = qa  # int8 has one plane
-        if BITS == 4:
-            qb = (tl.load(q_rows + 2 * offs_q[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
-            qb_sum = tl.sum(qb.to(tl.float32), 1)
-            qsum += 16.0 * qb_sum
-            q_1024 += 1024.0 * qb_sum
-        minus_q1024 = tl.zeros([BH, BN], tl.float32) - q_1024[:, None]  # the MMAs' accumulator init
+        minus_q1024 = tl.zeros([BH, BN], tl.float32) - 1024.0 * qsum[:, None]  # the MMA's accumulator init
     m_i = tl.full([BH], float("-inf"), tl.float32)
     l_i = tl.zeros([BH], tl.float32)
-    acc_a = tl.zeros([BH, DC], tl.float32)
-    acc_b = tl.zeros([BH, DC], tl.float32)
+    acc = tl.zeros([BH, D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
     for t0 in range(start, end, BN):
         offs_n = t0 + tl.arange(0, BN)
         n_ok = offs_n < end
         blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
         row = (blk * HKV + kvh) * BS + offs_n % BS
-        kc = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
+        kc = tl.load(kc_ptr + row[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
         else:
             # unmasked: a token past the end reads block 0's (maybe not finite), `n_ok` masks the results
             k_s = tl.load(ksz_ptr + row * 2)[None, :]
             k_z = tl.load(ksz_ptr + row * 2 + 1)[None, :]
-            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
+            scores = _code_scores(minus_q1024, qa, qa, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
         scores = tl.where(n_ok[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: a step has at least one token
         alpha = tl.math.exp2(m_i - m_new)
@@ -336,29 +355,126 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         m_i = m_new
         # masked: a slot that is no token's may hold anything (16 bits: inf), and p's 0 times inf is
         # no 0 in the MMA (past the end, K only reaches scores that are masked)
-        vc = tl.load(vc_ptr + row[:, None] * DC + offs_c[None, :], mask=n_ok[:, None], other=0)
+        vc = tl.load(vc_ptr + row[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
-            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
         else:
             v_s = tl.where(n_ok, tl.load(vsz_ptr + row * 2), 0.0)[None, :]
             v_z = tl.load(vsz_ptr + row * 2 + 1)[:, None]  # finite: a row past the end has p = 0
-            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
+            acc = _code_values(p, alpha, acc, vc, v_s, v_z, ASM)
     has = l_i > 0  # an empty split has no tokens
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
-    acc_b = acc_b / 16.0
     heads = kvh * GQ + offs_h[:, None]
     if SPLITS == 1:
-        o_rows = o_ptr + (b * HKV * GQ + heads) * D
-        tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
-        if BITS == 4:
-            tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b * inv_l).to(o_ptr.dtype.element_ty), mask=h_ok)
+        tl.store(o_ptr + (b * HKV * GQ + heads) * D + offs_d[None, :], (acc * inv_l).to(o_ptr.dtype.element_ty),
+                 mask=h_ok)
     else:
         part = (b * HKV * GQ + heads) * SPLITS + sp
-        tl.store(po_ptr + part * D + STEP * offs_c[None, :], acc_a * inv_l, mask=h_ok)
-        if BITS == 4:
-            tl.store(po_ptr + part * D + 2 * offs_c[None, :] + 1, acc_b * inv_l, mask=h_ok)
+        tl.store(po_ptr + part * D + offs_d[None, :], acc * inv_l, mask=h_ok)
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(plse_ptr + part, lse[:, None], mask=h_ok)
+
+
+@triton.jit
+def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr, o_ptr, po_ptr,
+                             plse_ptr, sm_scale, stride_qb, stride_qh, stride_bt, per_split,
+                             HKV: tl.constexpr, GQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                             BH: tl.constexpr, BN: tl.constexpr, SPLITS: tl.constexpr, ASM: tl.constexpr):
+    """Decode over an int4 cache with token-packed V, transposed: the MMAs' rows are tokens (scores
+    `[tokens, heads]` = K . q^T) and head dims (`out^T [D, heads]` += V^T . p^T), their columns the
+    group's heads (padded to BH >= 8), so both code tiles are A operands that widen in registers
+    along their rows (K: a token's dims; V^T: a dim's tokens) and p needs no transpose. A step takes
+    its BN tokens as BN / 2 pairs (2j, 2j + 1): even tokens and odd tokens are two score tiles, and
+    a V^T byte's low and high nibbles their two value planes (the high one `1024 + 16 c`, its
+    probabilities divided by 16). V's zero comes off once at the end: `out^T -= sum p s_v (1024 + z_v)`,
+    a per-head sum kept beside l."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    DC: tl.constexpr = D // 2  # K's bytes per (token, head)
+    NP: tl.constexpr = BN // 2  # token pairs per step
+    NB: tl.constexpr = BN // BS if BN > BS else 1  # blocks per step
+    PB: tl.constexpr = NP // NB  # pairs per block and step
+    HB: tl.constexpr = BS // 2  # V^T bytes per (block, head, dim)
+    seq_len = tl.load(sl_ptr + b)
+    start = sp * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_h = tl.arange(0, BH)
+    offs_c = tl.arange(0, DC)
+    offs_d = tl.arange(0, D)
+    offs_j = tl.arange(0, PB)
+    h_ok = offs_h[:, None] < GQ
+    q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
+    # query planes: even dims, and odd dims / 16 (a K byte's high nibble widens to 1024 + 16 c)
+    qa = tl.load(q_rows + 2 * offs_c[None, :], mask=h_ok, other=0.0).to(tl.float16)
+    qb = (tl.load(q_rows + 2 * offs_c[None, :] + 1, mask=h_ok, other=0.0) / 16.0).to(tl.float16)
+    qa_sum = tl.sum(qa.to(tl.float32), 1)
+    qb_sum = tl.sum(qb.to(tl.float32), 1)
+    qsum = qa_sum + 16.0 * qb_sum
+    raw_init = tl.zeros([NP, BH], tl.float32) - (1024.0 * (qa_sum + qb_sum))[None, :]  # the MMAs' start: -q . 1024
+    qa_t = tl.trans(qa)
+    qb_t = tl.trans(qb)
+    m_i = tl.full([BH], float("-inf"), tl.float32)
+    l_i = tl.zeros([BH], tl.float32)
+    v_off = tl.zeros([BH], tl.float32)  # sum p s_v (1024 + z_v): V's zero and the codes' 1024
+    acc = tl.zeros([D, BH], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
+    for t0 in range(start, end, BN):
+        tok = t0 + 2 * tl.arange(0, NP)  # the even token of each pair
+        e_ok = tok < end
+        o_ok = tok + 1 < end
+        offs_b = t0 // BS + tl.arange(0, NB)
+        blk = tl.load(bt_ptr + b * stride_bt + offs_b, mask=offs_b * BS < end, other=0).to(tl.int64)
+        # the step's first token in its block: 0 when a step spans whole blocks (written so Triton sees
+        # a multiple of BN, which keeps V^T's byte runs aligned for cp.async)
+        off0 = ((t0 // BN) % (BS // BN)) * BN if BS > BN else 0
+        first = (blk * HKV + kvh) * BS + off0  # the step's first row in each block
+        rows2 = first[:, None] + 2 * offs_j[None, :]  # [NB, PB]: even tokens' rows
+        row = tl.reshape(rows2, [NP])
+        # unmasked: a token past the end reads block 0's codes (finite), `e_ok` / `o_ok` mask the results
+        kc_e = tl.reshape(tl.load(kc_ptr + rows2[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
+        kc_o = tl.reshape(tl.load(kc_ptr + (rows2 + 1)[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
+        scores_e = _pair_scores(raw_init, qa_t, qb_t, qsum, kc_e, tl.load(ksz_ptr + row * 2)[:, None],
+                                tl.load(ksz_ptr + row * 2 + 1)[:, None], qk_scale, e_ok, ASM)
+        scores_o = _pair_scores(raw_init, qa_t, qb_t, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2)[:, None],
+                                tl.load(ksz_ptr + row * 2 + 3)[:, None], qk_scale, o_ok, ASM)
+        m_new = tl.maximum(m_i, tl.maximum(tl.max(scores_e, 0), tl.max(scores_o, 0)))  # finite: >= 1 token
+        alpha = tl.math.exp2(m_i - m_new)
+        p_e = tl.math.exp2(scores_e - m_new[None, :])
+        p_o = tl.math.exp2(scores_o - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p_e, 0) + tl.sum(p_o, 0)
+        m_i = m_new
+        pv_e = (p_e * tl.where(e_ok, tl.load(vsz_ptr + row * 2), 0.0)[:, None]).to(tl.float16)
+        pv_o = (p_o * (tl.where(o_ok, tl.load(vsz_ptr + row * 2 + 2), 0.0) / 16.0)[:, None]).to(tl.float16)
+        z_e = tl.load(vsz_ptr + row * 2 + 1)[:, None] + 1024.0  # finite: a row past the end has p = 0
+        z_o = 16.0 * tl.load(vsz_ptr + row * 2 + 3)[:, None] + 1024.0
+        v_off = v_off * alpha + tl.sum(pv_e.to(tl.float32) * z_e + pv_o.to(tl.float32) * z_o, 0)
+        vbase = (blk * HKV + kvh) * (D * HB) + off0 // 2  # [NB]
+        vt = tl.load(vc_ptr + vbase[None, :, None] + offs_d[:, None, None] * HB + offs_j[None, None, :])
+        v_e, v_o = _codes_fp16(tl.reshape(vt, [D, NP]), 4, ASM)  # [D, NP]: even tokens' 1024 + c, odd's 1024 + 16 c
+        acc = tl.dot(v_o, pv_o, tl.dot(v_e, pv_e, acc * alpha[None, :]))
+    has = l_i > 0  # an empty split has no tokens
+    inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
+    out = (acc - v_off[None, :]) * inv_l[None, :]  # [D, BH]
+    heads = kvh * GQ + offs_h
+    hk = offs_h[None, :] < GQ
+    if SPLITS == 1:
+        tl.store(o_ptr + (b * HKV * GQ + heads[None, :]) * D + offs_d[:, None], out.to(o_ptr.dtype.element_ty), mask=hk)
+    else:
+        part = (b * HKV * GQ + heads) * SPLITS + sp
+        tl.store(po_ptr + part[None, :] * D + offs_d[:, None], out, mask=hk)
+        lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(plse_ptr + part, lse, mask=offs_h < GQ)
+
+
+@triton.jit
+def _pair_scores(raw_init, qa_t, qb_t, qsum, kc, k_s, k_z, qk_scale, ok, ASM: tl.constexpr):
+    """`_code_scores` transposed, for one token of each pair: key codes `[NP, D / 2]` -> scores
+    `[NP, heads]` in log2 units, -inf where not `ok`."""
+    ka, kb = _codes_fp16(kc, 4, ASM)
+    raw = tl.dot(kb, qb_t, tl.dot(ka, qa_t, raw_init))
+    k_s = k_s * qk_scale
+    return tl.where(ok[:, None], raw * k_s - qsum[None, :] * (k_z * k_s), float("-inf"))
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.kernels.common import cdiv, tl, triton
-from lowbit.kernels.paged_attention import _code_scores, _code_values, kv_bits
+from lowbit.kernels.paged_attention import _code_scores, _code_values, _codes_fp16, kv_bits
 
 
 @dataclass(frozen=True)
@@ -91,41 +91,85 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
             qb_sum = tl.sum(qb.to(tl.float32), 1)
             qsum += 16.0 * qb_sum
             q_1024 += 1024.0 * qb_sum
-        minus_q1024 = tl.zeros([BM, BN], tl.float32) - q_1024[:, None]
+        minus_q1024 = tl.zeros([BM, BN // 2 if BITS == 4 else BN], tl.float32) - q_1024[:, None]  # int4: per token pair
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
-    acc_a = tl.zeros([BM, DC], tl.float32)
-    acc_b = tl.zeros([BM, DC], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    offs_d = tl.arange(0, D)
     qk_scale = sm_scale * 1.4426950408889634  # log2 units
     end = tl.where(t0 < q_len, tl.minimum(ctx, ctx - q_len + t0 + BMT), 0)  # causal: the tile's last row
     for k0 in range(0, end, BN):
-        offs_t = k0 + tl.arange(0, BN)
-        t_ok = offs_t < end
-        blk = tl.load(bt_ptr + s * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
-        krow = (blk * HKV + kvh) * BS + offs_t % BS
-        kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
-        if BITS == 16:
-            scores = tl.dot(qa, tl.trans(kc)) * qk_scale
+        if BITS == 4:
+            m_i, l_i, acc = _token_pairs_step(m_i, l_i, acc, minus_q1024, qa, qb, qsum, pos, kc_ptr, vc_ptr, ksz_ptr,
+                                              vsz_ptr, bt_ptr + s * stride_bt, kvh, k0, end, qk_scale, HKV, D, BS, BN,
+                                              ASM)
         else:
-            k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
-            k_z = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
-            scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
-        scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-        vc = tl.load(vc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
-        if BITS == 16:
-            acc_a = acc_a * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
-        else:
-            v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
-            v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[:, None]
-            acc_a, acc_b = _code_values(p, alpha, acc_a, acc_b, vc, v_s, v_z, BITS, ASM)
+            offs_t = k0 + tl.arange(0, BN)
+            t_ok = offs_t < end
+            blk = tl.load(bt_ptr + s * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
+            krow = (blk * HKV + kvh) * BS + offs_t % BS
+            kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
+            if BITS == 16:
+                scores = tl.dot(qa, tl.trans(kc)) * qk_scale
+            else:
+                k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
+                k_z = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
+                scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
+            scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            m_i = m_new
+            if BITS == 16:
+                vc = tl.load(vc_ptr + krow[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
+            elif BITS == 8:
+                vc = tl.load(vc_ptr + krow[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0)
+                v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
+                v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[:, None]
+                acc = _code_values(p, alpha, acc, vc, v_s, v_z, ASM)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh
-    tl.store(o_rows + STEP * offs_c[None, :], (acc_a * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
-    if BITS == 4:
-        tl.store(o_rows + 2 * offs_c[None, :] + 1, (acc_b / 16.0 * inv_l).to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
+    tl.store(o_rows + offs_d[None, :], (acc * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_row, kvh, k0, end,
+                      qk_scale, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+                      ASM: tl.constexpr):
+    """One step of BN cache positions over an int4 cache (token-packed V): the positions as pairs
+    (2j, 2j + 1), as a V^T byte's nibbles hold them, so the even and the odd tokens are two score tiles
+    and two value planes (`c - z`, exact in fp16, the odd plane widened as 16 c and scaled back)."""
+    NP: tl.constexpr = BN // 2
+    DC: tl.constexpr = D // 2
+    tok = k0 + 2 * tl.arange(0, NP)  # even tokens
+    ok_e = tok < end
+    ok_o = tok + 1 < end
+    blk = tl.load(bt_row + tok // BS, mask=ok_e, other=0).to(tl.int64)
+    row = (blk * HKV + kvh) * BS + tok % BS
+    offs_c = tl.arange(0, DC)
+    kc_e = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=ok_e[:, None], other=0)
+    kc_o = tl.load(kc_ptr + (row + 1)[:, None] * DC + offs_c[None, :], mask=ok_o[:, None], other=0)
+    sc_e = _code_scores(raw_init, qa, qb, qsum, kc_e, tl.load(ksz_ptr + row * 2, mask=ok_e, other=0.0)[None, :],
+                        tl.load(ksz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :], qk_scale, 4, ASM)
+    sc_o = _code_scores(raw_init, qa, qb, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2, mask=ok_o, other=0.0)[None, :],
+                        tl.load(ksz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :], qk_scale, 4, ASM)
+    sc_e = tl.where(ok_e[None, :] & (tok[None, :] <= pos[:, None]), sc_e, float("-inf"))
+    sc_o = tl.where(ok_o[None, :] & (tok[None, :] + 1 <= pos[:, None]), sc_o, float("-inf"))
+    m_new = tl.maximum(m_i, tl.maximum(tl.max(sc_e, 1), tl.max(sc_o, 1)))  # finite: every row sees position 0
+    alpha = tl.math.exp2(m_i - m_new)
+    p_e = tl.math.exp2(sc_e - m_new[:, None])
+    p_o = tl.math.exp2(sc_o - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p_e, 1) + tl.sum(p_o, 1)
+    vt = tl.load(vc_ptr + ((blk * HKV + kvh) * D)[None, :] * (BS // 2) + tl.arange(0, D)[:, None] * (BS // 2)
+                 + (tok % BS // 2)[None, :], mask=ok_e[None, :], other=0)
+    v_e, v_o = _codes_fp16(vt, 4, ASM, False)  # [D, NP]: 1024 + c (even tokens), 1024 + 16 c (odd)
+    z_e = tl.load(vsz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :]
+    z_o = tl.load(vsz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :]
+    v_e = v_e - (z_e + 1024.0).to(tl.float16)
+    v_o = ((v_o - (16.0 * z_o + 1024.0).to(tl.float16)) * 0.0625).to(tl.float16)
+    pv_e = (p_e * tl.load(vsz_ptr + row * 2, mask=ok_e, other=0.0)[None, :]).to(tl.float16)
+    pv_o = (p_o * tl.load(vsz_ptr + row * 2 + 2, mask=ok_o, other=0.0)[None, :]).to(tl.float16)
+    acc = tl.dot(pv_o, tl.trans(v_o), tl.dot(pv_e, tl.trans(v_e), acc * alpha[:, None]))
+    return m_new, l_i, acc

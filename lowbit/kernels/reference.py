@@ -116,22 +116,68 @@ def at_slots(cache: torch.Tensor, slots: torch.Tensor) -> tuple:
     return slots // bs, slice(None), slots % bs
 
 
+def v_tokens_packed(k_cache: torch.Tensor, head_dim: int) -> bool:
+    """Whether the V cache beside `k_cache` packs its int4 codes along the tokens: an int4 cache's V is
+    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`, a dim's codes of tokens 2j and 2j + 1 in the low
+    and high nibble of byte j (K, and int8 V, keep a token's dims together: `[..., block_size, width]`)."""
+    return k_cache.dtype == torch.uint8 and k_cache.shape[-1] * 2 == head_dim
+
+
+def codes_at(cache: torch.Tensor, slots: torch.Tensor, tokens_packed: bool = False) -> torch.Tensor:
+    """What the cache holds at slots `[N]`: `[N, n_kv_heads, width]` (codes, packed as stored, or
+    16-bit values); a token-packed cache gives each slot's codes unpacked, `[N, n_kv_heads, head_dim]`."""
+    if not tokens_packed:
+        return cache[at_slots(cache, slots)]
+    bs = cache.shape[-1] * 2
+    byte = cache[slots // bs, :, :, slots % bs // 2]
+    return (byte >> (4 * (slots % 2)).to(torch.uint8)[:, None, None]) & 15
+
+
+def store_codes(cache: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, tokens_packed: bool = False) -> None:
+    """`codes_at`'s inverse: codes `[N, n_kv_heads, width]` (unpacked `[N, n_kv_heads, head_dim]` for a
+    token-packed cache) into slots `[N]`. A token-packed byte's two slots may both be written: the even
+    slots' nibbles first, then the odd ones', each keeping the other nibble."""
+    if not tokens_packed:
+        cache[at_slots(cache, slots)] = codes
+        return
+    bs = cache.shape[-1] * 2
+    for parity in (0, 1):
+        sel = slots % 2 == parity
+        s = slots[sel]
+        at = (s // bs, slice(None), slice(None), s % bs // 2)
+        cache[at] = (cache[at] & (0xF0 >> 4 * parity)) | (codes[sel] << 4 * parity)
+
+
+def check_pairs_adjacent(slot_mapping: torch.Tensor) -> None:
+    """The Triton write's contract for a token-packed cache: two rows whose slots share a byte (2j and 2j + 1
+    of one block) are neighbours in `slot_mapping` (as a sequence's consecutive tokens are), else only
+    one of them is written in the call. The engine's slot mappings keep it; this checks one."""
+    rows = torch.nonzero(slot_mapping >= 0).flatten()
+    slots, order = slot_mapping[rows].long().sort()
+    rows = rows[order]
+    pair = (slots[:-1] % 2 == 0) & (slots[1:] == slots[:-1] + 1)
+    if (pair & ((rows[1:] - rows[:-1]).abs() != 1)).any():
+        raise ValueError("kv_cache_write: two slots of one int4 V byte are written by rows that are not neighbours")
+
+
 def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=False):
     d = key.shape[-1]
     bits = 4 if k_cache.shape[-1] * 2 == d else 8
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
+    packed_v = v_tokens_packed(k_cache, d)
+    if packed_v:
+        check_pairs_adjacent(slot_mapping)
     echoed = []
-    for x, cache, sz in ((key, k_cache, k_sz), (value, v_cache, v_sz)):
-        at = at_slots(cache, slots)
+    for x, cache, sz, packed in ((key, k_cache, k_sz, False), (value, v_cache, v_sz, packed_v)):
         if sz is None:  # a 16-bit cache: the values themselves
-            cache[at] = x[keep].to(cache.dtype)
+            cache[at_slots(cache, slots)] = x[keep].to(cache.dtype)
             echoed.append(x.to(cache.dtype))
             continue
         q, s, z = quantize_kv(x.float(), bits)  # the numerics contract: quant/kv.py
         qsz = torch.stack((s, z.float()), dim=-1)
-        cache[at] = q[keep]
-        sz[at] = qsz[keep]
+        store_codes(cache, slots, unpack_int4(q[keep], d, signed=False) if packed else q[keep], packed)
+        sz[at_slots(sz, slots)] = qsz[keep]
         echoed.append(kv_dequant(q, qsz, d).to(x.dtype))
     return tuple(echoed) if echo else None
 
@@ -145,13 +191,19 @@ def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> t
     return (q.float() - sz[..., 1:]) * sz[..., :1]
 
 
+def kv_values(cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor, head_dim: int,
+              tokens_packed: bool = False) -> torch.Tensor:
+    """fp32 K or V `[N, n_kv_heads, head_dim]` at cache slots `[N]`."""
+    return kv_dequant(codes_at(cache, slots, tokens_packed), None if sz is None else sz[at_slots(sz, slots)], head_dim)
+
+
 def cached_kv(k_cache, v_cache, k_sz, v_sz, block_table, n: int, head_dim: int):
     """A sequence's first `n` cache positions (block table `[max_blocks]`) -> fp32 K, V `[n, n_kv_heads, head_dim]`."""
     bs = k_cache.shape[2]
     t = torch.arange(n, device=k_cache.device)
-    at = at_slots(k_cache, block_table[t // bs].long() * bs + t % bs)
-    return tuple(kv_dequant(c[at], None if sz is None else sz[at], head_dim)
-                 for c, sz in ((k_cache, k_sz), (v_cache, v_sz)))
+    slots = block_table[t // bs].long() * bs + t % bs
+    return (kv_values(k_cache, k_sz, slots, head_dim),
+            kv_values(v_cache, v_sz, slots, head_dim, v_tokens_packed(k_cache, head_dim)))
 
 
 def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,

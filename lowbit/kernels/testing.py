@@ -102,10 +102,24 @@ def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: i
     if bits == 16:
         return [randn((*shape, head_dim), g, device=device) for _ in range(2)] + [None, None]
     width = head_dim // 2 if bits == 4 else head_dim
-    codes = [randint(0, 255, (*shape, width), g, torch.uint8, device) for _ in range(2)]
+    v_shape = (n_blocks, n_kv_heads, head_dim, block_size // 2) if bits == 4 else (*shape, width)  # token-packed V
+    codes = [randint(0, 255, s, g, torch.uint8, device) for s in ((*shape, width), v_shape)]
     sz = [torch.stack((randscale(shape, g, 1.0, device), randint(0, (1 << bits) - 1, shape, g, torch.float32, device)), -1)
           for _ in range(2)]
     return codes + sz
+
+
+def run_slots(n_blocks: int, block_size: int, lengths: list[int], g: torch.Generator) -> torch.Tensor:
+    """int64 slots as the engine maps a step's tokens: run i (one sequence's new tokens) is positions
+    i % 4 .. i % 4 + n - 1 of a sequence whose blocks are drawn at random, runs in shuffled order (so
+    the two slots of an int4 V byte are neighbours when both are written, as the write wants)."""
+    free = torch.randperm(n_blocks, generator=g).tolist()
+    runs = []
+    for i, n in enumerate(lengths):
+        pos = torch.arange(i % 4, i % 4 + n)
+        table = torch.tensor([free.pop() for _ in range(common.cdiv(i % 4 + n, block_size))])
+        runs.append(table[pos // block_size] * block_size + pos % block_size)
+    return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=g).tolist()])
 
 
 def random_block_tables(seq_lens: list[int], block_size: int, n_blocks: int, g: torch.Generator) -> torch.Tensor:
