@@ -393,16 +393,12 @@ def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl
     sp = tl.program_id(2)
     DC: tl.constexpr = D // 2  # K's bytes per (token, head)
     NP: tl.constexpr = BN // 2  # token pairs per step
-    NB: tl.constexpr = BN // BS if BN > BS else 1  # blocks per step
-    PB: tl.constexpr = NP // NB  # pairs per block and step
-    HB: tl.constexpr = BS // 2  # V^T bytes per (block, head, dim)
     seq_len = tl.load(sl_ptr + b)
     start = sp * per_split
     end = tl.minimum(start + per_split, seq_len)
     offs_h = tl.arange(0, BH)
     offs_c = tl.arange(0, DC)
     offs_d = tl.arange(0, D)
-    offs_j = tl.arange(0, PB)
     h_ok = offs_h[:, None] < GQ
     q_rows = q_ptr + b * stride_qb + (kvh * GQ + offs_h[:, None]) * stride_qh
     # query planes: even dims, and odd dims / 16 (a K byte's high nibble widens to 1024 + 16 c)
@@ -423,17 +419,7 @@ def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl
         tok = t0 + 2 * tl.arange(0, NP)  # the even token of each pair
         e_ok = tok < end
         o_ok = tok + 1 < end
-        offs_b = t0 // BS + tl.arange(0, NB)
-        blk = tl.load(bt_ptr + b * stride_bt + offs_b, mask=offs_b * BS < end, other=0).to(tl.int64)
-        # the step's first token in its block: 0 when a step spans whole blocks (written so Triton sees
-        # a multiple of BN, which keeps V^T's byte runs aligned for cp.async)
-        off0 = ((t0 // BN) % (BS // BN)) * BN if BS > BN else 0
-        first = (blk * HKV + kvh) * BS + off0  # the step's first row in each block
-        rows2 = first[:, None] + 2 * offs_j[None, :]  # [NB, PB]: even tokens' rows
-        row = tl.reshape(rows2, [NP])
-        # unmasked: a token past the end reads block 0's codes (finite), `e_ok` / `o_ok` mask the results
-        kc_e = tl.reshape(tl.load(kc_ptr + rows2[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
-        kc_o = tl.reshape(tl.load(kc_ptr + (rows2 + 1)[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
+        row, kc_e, kc_o, vt = _pair_tiles(bt_ptr + b * stride_bt, kc_ptr, vc_ptr, kvh, t0, end, HKV, D, BS, BN)
         scores_e = _pair_scores(raw_init, qa_t, qb_t, qsum, kc_e, tl.load(ksz_ptr + row * 2)[:, None],
                                 tl.load(ksz_ptr + row * 2 + 1)[:, None], qk_scale, e_ok, ASM)
         scores_o = _pair_scores(raw_init, qa_t, qb_t, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2)[:, None],
@@ -449,9 +435,7 @@ def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl
         z_e = tl.load(vsz_ptr + row * 2 + 1)[:, None] + 1024.0  # finite: a row past the end has p = 0
         z_o = 16.0 * tl.load(vsz_ptr + row * 2 + 3)[:, None] + 1024.0
         v_off = v_off * alpha + tl.sum(pv_e.to(tl.float32) * z_e + pv_o.to(tl.float32) * z_o, 0)
-        vbase = (blk * HKV + kvh) * (D * HB) + off0 // 2  # [NB]
-        vt = tl.load(vc_ptr + vbase[None, :, None] + offs_d[:, None, None] * HB + offs_j[None, None, :])
-        v_e, v_o = _codes_fp16(tl.reshape(vt, [D, NP]), 4, ASM)  # [D, NP]: even tokens' 1024 + c, odd's 1024 + 16 c
+        v_e, v_o = _codes_fp16(vt, 4, ASM)  # [D, NP]: even tokens' 1024 + c, odd's 1024 + 16 c
         acc = tl.dot(v_o, pv_o, tl.dot(v_e, pv_e, acc * alpha[None, :]))
     has = l_i > 0  # an empty split has no tokens
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
@@ -465,6 +449,34 @@ def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl
         tl.store(po_ptr + part[None, :] * D + offs_d[:, None], out, mask=hk)
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(plse_ptr + part, lse, mask=offs_h < GQ)
+
+
+@triton.jit
+def _pair_tiles(bt_row, kc_ptr, vc_ptr, kvh, t0, end, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
+                BN: tl.constexpr):
+    """A step of BN cache positions from t0 (a multiple of BN) of an int4 cache as token pairs (2j, 2j + 1):
+    the even tokens' rows `[BN / 2]`, the even and the odd tokens' K codes `[BN / 2, D / 2]` and V^T's
+    bytes `[D, BN / 2]` (a pair per byte). Blocks are read whole runs at a time (`[blocks, pairs]`
+    tiles), so Triton sees each run's contiguity and copies it by cp.async. Unmasked codes: a position
+    past `end` reads block 0's (finite) codes; the caller masks its scores."""
+    DC: tl.constexpr = D // 2
+    NP: tl.constexpr = BN // 2
+    NB: tl.constexpr = BN // BS if BN > BS else 1  # blocks per step
+    PB: tl.constexpr = NP // NB  # pairs per block and step
+    HB: tl.constexpr = BS // 2  # V^T bytes per (block, head, dim)
+    offs_b = t0 // BS + tl.arange(0, NB)
+    blk = tl.load(bt_row + offs_b, mask=offs_b * BS < end, other=0).to(tl.int64)
+    # the step's first token in its block: 0 when a step spans whole blocks (written so Triton sees a
+    # multiple of BN, which keeps V^T's byte runs aligned for cp.async)
+    off0 = ((t0 // BN) % (BS // BN)) * BN if BS > BN else 0
+    offs_j = tl.arange(0, PB)
+    rows = ((blk * HKV + kvh) * BS + off0)[:, None] + 2 * offs_j[None, :]  # [NB, PB]: even tokens' rows
+    offs_c = tl.arange(0, DC)
+    kc_e = tl.reshape(tl.load(kc_ptr + rows[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
+    kc_o = tl.reshape(tl.load(kc_ptr + (rows + 1)[:, :, None] * DC + offs_c[None, None, :]), [NP, DC])
+    vbase = (blk * HKV + kvh) * (D * HB) + off0 // 2  # [NB]
+    vt = tl.load(vc_ptr + vbase[None, :, None] + tl.arange(0, D)[:, None, None] * HB + offs_j[None, None, :])
+    return tl.reshape(rows, [NP]), kc_e, kc_o, tl.reshape(vt, [D, NP])
 
 
 @triton.jit

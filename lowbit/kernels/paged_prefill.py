@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.kernels.common import cdiv, tl, triton
-from lowbit.kernels.paged_attention import _code_scores, _code_values, _codes_fp16, kv_bits
+from lowbit.kernels.paged_attention import _code_scores, _code_values, _codes_fp16, _pair_tiles, kv_bits
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,10 @@ def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr
     (2j, 2j + 1), as a V^T byte's nibbles hold them, so the even and the odd tokens are two score tiles
     and two value planes (`c - z`, exact in fp16, the odd plane widened as 16 c and scaled back)."""
     NP: tl.constexpr = BN // 2
-    DC: tl.constexpr = D // 2
     tok = k0 + 2 * tl.arange(0, NP)  # even tokens
     ok_e = tok < end
     ok_o = tok + 1 < end
-    blk = tl.load(bt_row + tok // BS, mask=ok_e, other=0).to(tl.int64)
-    row = (blk * HKV + kvh) * BS + tok % BS
-    offs_c = tl.arange(0, DC)
-    kc_e = tl.load(kc_ptr + row[:, None] * DC + offs_c[None, :], mask=ok_e[:, None], other=0)
-    kc_o = tl.load(kc_ptr + (row + 1)[:, None] * DC + offs_c[None, :], mask=ok_o[:, None], other=0)
+    row, kc_e, kc_o, vt = _pair_tiles(bt_row, kc_ptr, vc_ptr, kvh, k0, end, HKV, D, BS, BN)
     sc_e = _code_scores(raw_init, qa, qb, qsum, kc_e, tl.load(ksz_ptr + row * 2, mask=ok_e, other=0.0)[None, :],
                         tl.load(ksz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :], qk_scale, 4, ASM)
     sc_o = _code_scores(raw_init, qa, qb, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2, mask=ok_o, other=0.0)[None, :],
@@ -162,8 +157,6 @@ def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr
     p_e = tl.math.exp2(sc_e - m_new[:, None])
     p_o = tl.math.exp2(sc_o - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p_e, 1) + tl.sum(p_o, 1)
-    vt = tl.load(vc_ptr + ((blk * HKV + kvh) * D)[None, :] * (BS // 2) + tl.arange(0, D)[:, None] * (BS // 2)
-                 + (tok % BS // 2)[None, :], mask=ok_e[None, :], other=0)
     v_e, v_o = _codes_fp16(vt, 4, ASM, False)  # [D, NP]: 1024 + c (even tokens), 1024 + 16 c (odd)
     z_e = tl.load(vsz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :]
     z_o = tl.load(vsz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :]
