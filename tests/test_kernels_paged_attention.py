@@ -111,12 +111,12 @@ def test_int4_v_pairs_share_a_byte(write_first):
         reference.kv_cache_write(x[0][:3], x[1][:3], *[t.clone() for t in caches], torch.tensor([20, 7, 21]))
 
 
-def _decode_case(bits, d, seq_lens, g, device="cpu", hq=HQ, hkv=HKV):
+def _decode_case(bits, d, seq_lens, g, device="cpu", hq=HQ, hkv=HKV, bs=BS):
     """A cache of random codes, block tables of shuffled blocks with -1 holes past each end."""
     b = len(seq_lens)
-    n_blocks = sum(-(-n // BS) for n in seq_lens) + 2
-    caches = testing.random_kv_cache(n_blocks, BS, hkv, d, bits, g)
-    tables = testing.random_block_tables(seq_lens, BS, n_blocks, g)
+    n_blocks = sum(-(-n // bs) for n in seq_lens) + 2
+    caches = testing.random_kv_cache(n_blocks, bs, hkv, d, bits, g)
+    tables = testing.random_block_tables(seq_lens, bs, n_blocks, g)
     q = testing.randn((b, hq, d), g)
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     scale = d ** -0.5
@@ -210,6 +210,16 @@ def test_int4_v_layout_packs_tokens():
 def test_decode_configs_the_sweep_times_match_float64(bits, config):
     args, scale, want = _decode_case(bits, 64, [17, 3, 300], testing.gen(), DEV)
     assert testing.rel_err(paged_decode_attention_triton(*args, scale, config=config), want) < 1e-2
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("bs,config", [(32, DecodeConfig(block_n=16, num_warps=1)), (4, DecodeConfig(block_n=32, num_warps=1)),
+                                       (128, DecodeConfig(block_n=64, num_warps=1))], ids=["bs32-bn16", "bs4-bn32", "bs128-bn64"])
+def test_kv4_decode_block_sizes(bs, config):
+    """int4 steps read whole runs of a block: steps inside a block (block 32 or 128 tokens, steps of 16 or 64
+    from an offset that is a multiple of the step) and steps over several blocks (blocks of 4, 2 bytes of V^T)."""
+    args, scale, want = _decode_case(4, 64, [17, 3, 300], testing.gen(), DEV, bs=bs)
+    assert testing.rel_err(paged_decode_attention_triton(*args, scale, splits=3, config=config), want) < 3.5e-3
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="needs CUDA")
