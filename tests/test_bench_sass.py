@@ -78,3 +78,24 @@ def test_decode_config_changes():
     for bad in (["bogus=1"], ["block_n=x"], ["block_n"]):
         with pytest.raises(LowbitError, match="FIELD=INT"):
             _int_fields(bad)
+
+
+def test_from_json_reprints_rows_named_after_their_files(tmp_path, capsys):
+    """`--from-json`: the table of saved rows; with several files each row names its file (before and
+    after a change), and a file that is not JSON is one clear error."""
+    from lowbit.bench.sass import main
+    from lowbit.errors import LowbitError
+
+    row = dict(kernel="decode-kv4", num_warps=1, num_stages=3, loop_instructions=1117, bytes_per_iter=9216,
+               bytes_per_warp_instruction=8.25, spills=0, registers=167, shared=12186, programs_per_sm=12,
+               mix={"LOP3": 264, "PRMT": 128})
+    for name, n in (("old", 935), ("new", 1117)):
+        (tmp_path / f"{name}.json").write_text(json.dumps([dict(row, loop_instructions=n)]))
+    main(["--from-json", str(tmp_path / "old.json")])
+    assert "| decode-kv4 | 1 | 3 | 935 |" in capsys.readouterr().out
+    main(["--from-json", str(tmp_path / "old.json"), str(tmp_path / "new.json")])
+    out = capsys.readouterr().out
+    assert "| decode-kv4 @ old | 1 | 3 | 935 |" in out and "| decode-kv4 @ new | 1 | 3 | 1117 |" in out
+    (tmp_path / "bad.json").write_text("not json")
+    with pytest.raises(LowbitError, match="bad.json"):
+        main(["--from-json", str(tmp_path / "bad.json")])

@@ -307,7 +307,19 @@ def main(argv=None) -> None:
     p.add_argument("--json", action="store_true", help="print JSON rows instead of the table")
     p.add_argument("--decode-config", nargs="+", metavar="FIELD=INT",
                    help="decode presets with these DecodeConfig fields changed, e.g. block_n=32 num_warps=1")
+    p.add_argument("--from-json", nargs="+", metavar="FILE",
+                   help="print the table of earlier --json outputs (with several, each row named after its file)")
     args = p.parse_args(argv)
+    if args.from_json:
+        rows = []
+        for path in map(Path, args.from_json):
+            try:
+                part = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise LowbitError(f"sass: cannot read {path}: {e}") from None
+            rows += [dict(r, kernel=f"{r['kernel']} @ {path.stem}") if len(args.from_json) > 1 else r for r in part]
+        print(render(rows))
+        return
     names = args.kernel or sorted(known)
     if args.decode_config:
         changes = _int_fields(args.decode_config)
