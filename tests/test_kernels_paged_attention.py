@@ -214,10 +214,12 @@ def test_decode_configs_the_sweep_times_match_float64(bits, config):
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
 @pytest.mark.parametrize("bs,config", [(32, DecodeConfig(block_n=16, num_warps=1)), (4, DecodeConfig(block_n=32, num_warps=1)),
-                                       (128, DecodeConfig(block_n=64, num_warps=1))], ids=["bs32-bn16", "bs4-bn32", "bs128-bn64"])
+                                       (128, DecodeConfig(block_n=64, num_warps=1)), (2, DecodeConfig(block_n=16, num_warps=1))],
+                         ids=["bs32-bn16", "bs4-bn32", "bs128-bn64", "bs2-bn16"])
 def test_kv4_decode_block_sizes(bs, config):
     """int4 steps read whole runs of a block: steps inside a block (block 32 or 128 tokens, steps of 16 or 64
-    from an offset that is a multiple of the step) and steps over several blocks (blocks of 4, 2 bytes of V^T)."""
+    from an offset that is a multiple of the step) and steps over several blocks (blocks of 2 or 4 tokens: one or
+    two bytes of V^T a dim)."""
     args, scale, want = _decode_case(4, 64, [17, 3, 300], testing.gen(), DEV, bs=bs)
     assert testing.rel_err(paged_decode_attention_triton(*args, scale, splits=3, config=config), want) < 3.5e-3
 

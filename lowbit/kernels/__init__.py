@@ -8,7 +8,7 @@
 | `w4a4` | `w4a4_gemm`: int4 groups x int4 groups + int8 outliers (Atom) | `prepare_w4a4` |
 | `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token | - |
 | `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
-| `paged_attention` | `kv_cache_write` (with its echo), `paged_decode_attention` over int8 / int4 KV blocks | - |
+| `paged_attention` | `kv_cache_write` (with its echo), `paged_decode_attention` over int8 / int4 KV blocks (int4: V packed along the tokens, a transposed kernel) | - |
 | `sampling` | `race_sample`: a batch's categorical draws (exponential race, hashed noise) in one pass over the logits | - |
 | `paged_prefill` | `paged_prefill_attention_triton` (CUDA only; reference: `reference.paged_prefill_attention`): new tokens of several sequences over the same blocks, causal | - |
 
