@@ -19,11 +19,11 @@ of the context); the group's query heads share each K/V tile (padded to the MMA'
 the tokens are the MMAs' rows and the heads their columns, padded to 8, see `_paged_decode_kv4_kernel`).
 Codes enter fp16 MMAs without a conversion:
 a code c in the low bits of 0x6400 is the fp16 `1024 + c` (an int4 high nibble, left in place,
-gives `1024 + 16 c`; its query plane is divided by 16, its output plane at the end), two codes per
-32-bit op. Scale and zero are folded out per token:
-`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`; V's zero comes off its codes in fp16 and
-`p * s_v` weighs its tokens; the QK MMA's accumulator starts at `-1024 sum(q)`, and scores are kept
-in log2 units (exp2). A 16-bit cache enters the MMAs as it is (query and probabilities in its
+gives `1024 + 16 c`: K's odd dims, whose query plane is divided by 16, or V's odd tokens, whose
+probabilities are), two codes per 32-bit op. Scale and zero are folded out per token:
+`score = s_k (q . (1024 + c) - (1024 + z_k) sum(q))`; `p * s_v` weighs V's tokens, whose zero comes
+off their codes in fp16 (int8) or as one per-head sum at the end (int4); the QK MMA's accumulator
+starts at `-1024 sum(q)`, and scores are kept in log2 units (exp2). A 16-bit cache enters the MMAs as it is (query and probabilities in its
 dtype). Long contexts are split across programs and merged by log-sum-exp (flash-decoding).
 `lowbit bench sass` counts the main loop's instructions (compiled for sm_90a without a GPU).
 """
@@ -54,7 +54,8 @@ class DecodeConfig:
 # larger (half the tokens per step); KV8 as one-warp programs (row reductions within the warp, no barrier
 # across warps) of 32-token steps: 7-8% faster at batch 64 x 4k and at batch 2048. KV4 (token-packed V):
 # one-warp programs of 64-token steps, the fewest instructions per byte of the configs compiled
-# (`lowbit bench sass`: 7.9 bytes per warp instruction against 4.9 for the 4-warp kernel it replaced)
+# (`lowbit bench sass`: 8.25 bytes per warp instruction against 4.93 for the 4-warp kernel it replaced; not
+# yet timed: docs/benchmarks.md)
 _DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(block_n=32, num_warps=1, waves=16, maxnreg=168),
                    4: DecodeConfig(block_n=64, num_warps=1, waves=16)}
 
