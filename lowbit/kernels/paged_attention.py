@@ -425,11 +425,12 @@ def _paged_decode_kv4_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl
                                 tl.load(ksz_ptr + row * 2 + 1)[:, None], qk_scale, e_ok, ASM)
         scores_o = _pair_scores(raw_init, qa_t, qb_t, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2)[:, None],
                                 tl.load(ksz_ptr + row * 2 + 3)[:, None], qk_scale, o_ok, ASM)
-        m_new = tl.maximum(m_i, tl.maximum(tl.max(scores_e, 0), tl.max(scores_o, 0)))  # finite: >= 1 token
+        # the two tiles meet elementwise before each reduction across the lanes: one shuffle tree, not two
+        m_new = tl.maximum(m_i, tl.max(tl.maximum(scores_e, scores_o), 0))  # finite: >= 1 token
         alpha = tl.math.exp2(m_i - m_new)
         p_e = tl.math.exp2(scores_e - m_new[None, :])
         p_o = tl.math.exp2(scores_o - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p_e, 0) + tl.sum(p_o, 0)
+        l_i = l_i * alpha + tl.sum(p_e + p_o, 0)
         m_i = m_new
         pv_e = (p_e * tl.where(e_ok, tl.load(vsz_ptr + row * 2), 0.0)[:, None]).to(tl.float16)
         pv_o = (p_o * (tl.where(o_ok, tl.load(vsz_ptr + row * 2 + 2), 0.0) / 16.0)[:, None]).to(tl.float16)

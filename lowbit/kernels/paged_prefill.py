@@ -152,11 +152,11 @@ def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr
                         tl.load(ksz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :], qk_scale, 4, ASM)
     sc_e = tl.where(ok_e[None, :] & (tok[None, :] <= pos[:, None]), sc_e, float("-inf"))
     sc_o = tl.where(ok_o[None, :] & (tok[None, :] + 1 <= pos[:, None]), sc_o, float("-inf"))
-    m_new = tl.maximum(m_i, tl.maximum(tl.max(sc_e, 1), tl.max(sc_o, 1)))  # finite: every row sees position 0
+    m_new = tl.maximum(m_i, tl.max(tl.maximum(sc_e, sc_o), 1))  # finite: every row sees position 0
     alpha = tl.math.exp2(m_i - m_new)
     p_e = tl.math.exp2(sc_e - m_new[:, None])
     p_o = tl.math.exp2(sc_o - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p_e, 1) + tl.sum(p_o, 1)
+    l_i = l_i * alpha + tl.sum(p_e + p_o, 1)
     v_e, v_o = _codes_fp16(vt, 4, ASM, False)  # [D, NP]: 1024 + c (even tokens), 1024 + 16 c (odd)
     z_e = tl.load(vsz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :]
     z_o = tl.load(vsz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :]
