@@ -300,8 +300,9 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
                        DecodeConfig(block_n=32, num_warps=1, waves=16),
                        DecodeConfig(block_n=32, num_warps=1, maxnreg=168, waves=16),
                        DecodeConfig(block_n=64, num_warps=2, waves=8)),
-                   # KV4's transposed kernel (`bench sass`, 64-token steps: 8.1 bytes per warp instruction at
-                   # one warp, 168 registers; 5.0 at two warps; 32-token steps 6.1; 128-token steps 8.9 at 252)
+                   # KV4's transposed kernel (`bench sass`, docs/benchmarks.md: 64-token steps 8.5 bytes per warp
+                   # instruction at one warp, 167 registers, 5.6 at two; 32-token steps 6.3; 128-token steps 9.2 at
+                   # one warp (255 registers, spills), 7.6 at two)
                    4: (DecodeConfig(), DecodeConfig(block_n=64, num_warps=1, waves=8),
                        DecodeConfig(block_n=64, num_warps=1, waves=32), DecodeConfig(block_n=64, num_warps=1, num_stages=4),
                        DecodeConfig(block_n=64, num_warps=1, num_stages=2), DecodeConfig(block_n=32, num_warps=1, waves=16),

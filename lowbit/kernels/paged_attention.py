@@ -54,7 +54,7 @@ class DecodeConfig:
 # larger (half the tokens per step); KV8 as one-warp programs (row reductions within the warp, no barrier
 # across warps) of 32-token steps: 7-8% faster at batch 64 x 4k and at batch 2048. KV4 (token-packed V):
 # one-warp programs of 64-token steps, the fewest instructions per byte of the configs compiled
-# (`lowbit bench sass`: 8.25 bytes per warp instruction against 4.93 for the 4-warp kernel it replaced; not
+# (`lowbit bench sass`: 8.46 bytes per warp instruction against 4.93 for the 4-warp kernel it replaced; not
 # yet timed: docs/benchmarks.md)
 _DEFAULT_DECODE = {16: DecodeConfig(block_n=64), 8: DecodeConfig(block_n=32, num_warps=1, waves=16, maxnreg=168),
                    4: DecodeConfig(block_n=64, num_warps=1, waves=16)}
