@@ -93,11 +93,10 @@ def test_int4_v_pairs_share_a_byte(write_first):
     x = [testing.randn((6, HKV, d), g) for _ in range(2)]
     first = torch.tensor(write_first) + BS  # block 1, offsets 0..3
     second = torch.tensor([i for i in range(4) if i not in write_first] + [4, 5]) + BS
-    devs = ["cpu"] + ([DEV] if DEV is not None else [])
+    writers = [(reference.kv_cache_write, "cpu")] + ([(kv_cache_write_triton, DEV)] if DEV is not None else [])
     results = []
-    for dev in devs:
+    for write, dev in writers:
         c = [t.clone().to(dev) for t in caches]
-        write = reference.kv_cache_write if dev == "cpu" else kv_cache_write_triton
         write(x[0][:len(first)].to(dev), x[1][:len(first)].to(dev), *c, first.to(dev))
         write(x[0][len(first):].to(dev), x[1][len(first):].to(dev), *c, second.to(dev))
         results.append([t.cpu() for t in c])
