@@ -10,3 +10,6 @@ PYTHONPATH=. LOWBIT_COMMIT=$1 timeout 150 python3 -m lowbit.bench kernels --quic
   --batches 64 2048 --contexts 1024 4096 --markdown --out $OUT/new > $OUT/new.md 2>&1; tail -12 $OUT/new.md
 PYTHONPATH=. LOWBIT_COMMIT=$1 timeout 200 python3 -m lowbit.bench ncu decode-kv4:64:4096 decode-kv4:2048:1024 --out $OUT/ncu \
   > $OUT/ncu.md 2>&1; tail -6 $OUT/ncu.md
+# session 11's untimed RowConfigs of the fused activation quantizers, to choose silu_mul_quant's default
+PYTHONPATH=. LOWBIT_COMMIT=$1 timeout 150 python3 -m lowbit.bench actquant --sweep --out $OUT/actquant > $OUT/actquant.md 2>&1
+tail -20 $OUT/actquant.md
