@@ -65,3 +65,22 @@ def test_sampling_benchs_torch_peer_draws_from_the_softmax():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(20000, 1)
     freq = torch.bincount(torch_race(logits, torch.ones(20000)), minlength=4) / 20000
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
+
+
+def test_prefill_table_sets_our_paths_beside_each_other():
+    """The prefill table: each path's time, and the paged kernel's speed against the engine's two paths
+    (peer time over ours: 900 / 300 for the gathered rows' KV4, 600 / 1200 for the fresh-prompt path's bf16)."""
+    from lowbit.bench.kernels import tables
+
+    key = dict(seqs=16, q_len=1024)
+    rows = [_row("SDPA bf16", 325.0, **key), _row("bf16 paged", 600.0, **key), _row("KV4 paged", 900.0, **key),
+            _row("bf16 engine", 1200.0, **key), _row("KV4 engine", 450.0, **key),
+            _row("bf16 gathered", 400.0, **key), _row("KV4 gathered", 300.0, **key)]
+    result = dict(env=ENV, roofs=ROOFS, models=[], ms=[], linear=[], attention=[], prefill=rows, targets=[])
+    out = tables(result, markdown=True)
+    head = next(line for line in out.splitlines() if line.startswith("| prompts"))
+    row = next(line for line in out.splitlines() if line.startswith("| 16 | 1024"))
+    cells = dict(zip(head.strip("|").split("|"), row.strip("|").split("|")))
+    cells = {k.strip(): v.strip() for k, v in cells.items()}
+    assert cells["KV4 gathered"].startswith("300") and cells["bf16 gathered"].startswith("400")
+    assert cells["KV4 paged/gathered"] == "0.33" and cells["bf16 paged/engine"] == "2.00"

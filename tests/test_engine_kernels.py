@@ -109,24 +109,18 @@ def _host_batch(steps, tables):
     return hb
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
-@pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
-                                        (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
-def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
-    """Decodes (one kernel call), chunks over cached context (one prefill call on CUDA, one at a time
-    elsewhere) and fresh prompts in one batch: each sequence as the torch path computes it over what
-    the cache hands back, in float64. On CUDA the kernels and flash attention serve them (fp16/bf16 MMAs)."""
+def _mixed_batch(spec, dtype, device, g):
+    """One step of decodes, chunks over a cached context and fresh prompts, whose rows are not contiguous
+    (index tensors) and whose fresh lengths are ragged, through an attention layer over a fresh cache:
+    (its output, what each sequence gets from the torch path over what the cache hands back, in float64)."""
     from lowbit.layers.attention import Attention
 
-    g = testing.gen()
     hq, n_blocks = 4, 32
     attn = Attention(hq, HKV, D)
     attn.kv_spec, attn.kv_cache = spec, make_kv_cache(n_blocks, BS, HKV, D, dtype, device, spec)
-    assert attn.kv_cache.decode_kernel and attn.kv_cache.prefill_kernel == (device == "cuda")
     perm = torch.randperm(n_blocks, generator=g).tolist()
     tables = [perm[4 * i:4 * i + 4] for i in range(7)]
-    # decode, chunk over context, fresh, fresh, decode, chunk, fresh: decodes, chunks and fresh rows
-    # are not contiguous (index tensors), fresh lengths ragged
+    # decode, chunk over context, fresh, fresh, decode, chunk, fresh
     cached, new = [9, 8, 0, 0, 15, 3, 0], [1, 5, 6, 2, 1, 9, 11]
     first = _host_batch([([0] * c, 0, c) for c in cached if c], [t for t, c in zip(tables, cached) if c])
     _, _, ctx = prepare_inputs(first, device)
@@ -138,12 +132,57 @@ def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
     q = testing.randn((t, hq, D), g, dtype)
     k, v = _kv(t, g, dtype)
     out = attn(*(x.to(device) for x in (q, k, v)), ctx).cpu()
-    exact = dtype == torch.float32 and device == "cpu"
+    wants = []
     for i in range(len(cached)):
         s, e = hb.cu[i], hb.cu[i + 1]
         ki, vi = attn.kv_cache.gather(torch.tensor(tables[i], device=device), hb.seq_lens[i])
-        want = causal_attention(q[s:e].double(), ki.cpu().double(), vi.cpu().double(), attn.scale)
+        wants.append((s, e, causal_attention(q[s:e].double(), ki.cpu().double(), vi.cpu().double(), attn.scale)))
+    return out, wants
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
+@pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
+                                        (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
+def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
+    """Decodes (one kernel call), chunks over cached context (on CUDA: gathered rows and varlen flash
+    attention in 16 bits, the prefill kernel in 32; one at a time elsewhere) and fresh prompts in one
+    batch: each sequence as the torch path computes it over what the cache hands back, in float64. On
+    CUDA the kernels and flash attention serve them (fp16/bf16 MMAs)."""
+    assert make_kv_cache(2, BS, HKV, D, dtype, device, spec).prefill_kernel == (device == "cuda")
+    out, wants = _mixed_batch(spec, dtype, device, testing.gen())
+    exact = dtype == torch.float32 and device == "cpu"
+    for s, e, want in wants:
         assert testing.rel_err(out[s:e], want) < (1e-5 if exact else 1e-2)
+
+
+@pytest.mark.parametrize("spec", [KVSpec(4), KVSpec(8), None], ids=["kv4", "kv8", "bf16"])
+def test_chunks_attend_over_their_gathered_contexts(spec, monkeypatch):
+    """The chunk path CUDA takes in 16 bits (`attention.chunk_attention`: every chunk's context gathered
+    into packed rows, one varlen call), run on the CPU with `varlen_attn` replaced by flash attention's
+    documented meaning (per sequence of the packed rows, the causal mask aligned to the last key)."""
+    from lowbit.engine.kv_cache import PagedKVCache
+    from lowbit.layers import attention
+
+    calls = []
+
+    def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, scale, **kw):
+        calls.append((cu_q.tolist(), cu_k.tolist(), max_q, max_k))
+        out = torch.empty_like(q)
+        for i in range(len(cu_q) - 1):
+            (a, b), (c, d) = cu_q[i:i + 2].tolist(), cu_k[i:i + 2].tolist()
+            out[a:b] = causal_attention(q[a:b], k[c:d], v[c:d], scale)
+        return out
+
+    monkeypatch.setattr(attention, "_varlen_serves", lambda q, kv_dtype: True)
+    monkeypatch.setattr(attention, "varlen_attn", varlen_reference)
+    monkeypatch.setattr(attention, "_VARLEN", {})
+    monkeypatch.setattr(PagedKVCache, "prefill_kernel", property(lambda self: True))
+    out, wants = _mixed_batch(spec, torch.bfloat16, "cpu", testing.gen())
+    # the fresh prompts' call (6, 2 and 11 tokens), then the two chunks' (5 new over 8 cached, 9 over 3):
+    # one call over both, their whole contexts
+    assert calls == [([0, 6, 8, 19], [0, 6, 8, 19], 11, 11), ([0, 5, 14], [0, 13, 25], 9, 13)]
+    for s, e, want in wants:
+        assert testing.rel_err(out[s:e], want) < 1e-2
 
 
 def test_decode_buckets():

@@ -339,6 +339,26 @@ def paged_prefill_case(model: str, seqs: int, q_len: int, bits: int, cfg=None):
                                                   config=cfg)
 
 
+def gathered_prefill_case(model: str, seqs: int, q_len: int, bits: int):
+    """A run() of the engine's path for chunks over a cached context (`attention.chunk_attention`), here
+    over prompts whose every position is cached: each sequence's K/V gathered from a random `bits`-bit
+    paged cache into packed bf16 rows (`kernels/kv_gather.py`), then one varlen flash-attention call."""
+    from lowbit.kernels.kv_gather import gather_kv
+    from lowbit.layers.attention import _VARLEN, varlen_attn
+    hq, hkv, d, cache, tables = random_paged_cache(model, seqs, q_len, bits)
+    dev = torch.device("cuda")
+    cu = torch.arange(0, (seqs + 1) * q_len, q_len, dtype=torch.int32, device=dev)
+    listed = torch.arange(seqs, dtype=torch.int32, device=dev)
+    q = torch.randn(seqs * q_len, hq, d, device=dev, dtype=torch.bfloat16)
+    if _VARLEN is None:
+        raise RuntimeError("this torch has no varlen flash attention")
+
+    def run():
+        k, v = gather_kv(*cache, tables, listed, cu, q_len, seqs * q_len, d, torch.bfloat16)
+        return varlen_attn(q, k, v, cu, cu, q_len, q_len, scale=d ** -0.5, **_VARLEN)
+    return run
+
+
 def sdpa_prefill_case(model: str, seqs: int, q_len: int):
     """A run() of torch SDPA in bf16, causal, over contiguous K/V (its flash / cuDNN kernels; GQA native)."""
     m = MODELS[model]
@@ -409,6 +429,8 @@ def bench_prefill(model: str, seqs: int, q_len: int, roofs: dict, sweep: bool = 
                 **{f"{'bf16' if b == 16 else f'KV{b}'} paged": lambda b=b: paged_prefill_case(model, seqs, q_len, b)
                    for b in (16, 8, 4)},
                 **{f"{'bf16' if b == 16 else f'KV{b}'} engine": lambda b=b: engine_prefill_case(model, seqs, q_len, b)
+                   for b in (16, 4)},
+                **{f"{'bf16' if b == 16 else f'KV{b}'} gathered": lambda b=b: gathered_prefill_case(model, seqs, q_len, b)
                    for b in (16, 4)}}
     if sweep:  # fewer rows per program spill less over codes (lowbit bench sass); more warps, stages
         for cfg in (PrefillConfig(block_m=64), PrefillConfig(block_m=64, num_warps=4), PrefillConfig(block_n=32),
@@ -558,18 +580,22 @@ def tables(result: dict, markdown: bool) -> str:
                        "KV4 %copy BW"], body)]
     pre = result.get("prefill", [])
     body = []
-    names = ("SDPA bf16", "SDPA packed", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine")
+    names = ("SDPA bf16", "SDPA packed", "bf16 paged", "KV8 paged", "KV4 paged", "bf16 engine", "KV4 engine",
+             "bf16 gathered", "KV4 gathered")
     for seqs, q_len in sorted({(r["seqs"], r["q_len"]) for r in pre}):
         rs = {r["method"]: r for r in pre if (r["seqs"], r["q_len"]) == (seqs, q_len) and "us" in r}
         body.append([str(seqs), str(q_len)] +
                     [f"{_fmt(rs[n]['us'])} ({_fmt(rs[n]['roof_pct'], 0)}%)" if n in rs else "-" for n in names] +
-                    [_fmt(_ratio(pre, dict(seqs=seqs, q_len=q_len), f"{w} paged", f"{w} engine"), 2)
-                     for w in ("bf16", "KV4")])
+                    [_fmt(_ratio(pre, dict(seqs=seqs, q_len=q_len), f"{w} paged", f"{w} {o}"), 2)
+                     for o in ("engine", "gathered") for w in ("bf16", "KV4")])
     if body:
         out += ["", "Prefill attention (causal, fresh prompts), Llama-3-8B heads, us (% of the bf16 MMA peak); "
                 "SDPA packed: over the engine's [T, H, D] rows viewed per prompt; "
-                "engine: the layer's path (cache write with its echo, then `fresh_attention` over the echo)",
-                table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine"], body)]
+                "engine: the layer's path for fresh prompts (cache write with its echo, then `fresh_attention` over "
+                "the echo); gathered: its path for chunks over a cached context (the cache gathered into bf16 rows, "
+                "then varlen flash attention), here over wholly cached prompts",
+                table(["prompts", "tokens", *names, "bf16 paged/engine", "KV4 paged/engine", "bf16 paged/gathered",
+                       "KV4 paged/gathered"], body)]
     def shape(r):
         return r["m"] if "m" in r else (r["batch"], r["ctx"]) if "batch" in r else (r["seqs"], r["q_len"])
 

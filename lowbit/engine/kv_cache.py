@@ -10,6 +10,7 @@ import torch
 
 from lowbit.kernels.paged_attention import kv_cache_write, paged_decode_attention, supports_head_dim
 from lowbit.kernels.common import use_triton
+from lowbit.kernels.kv_gather import gather_kv
 from lowbit.kernels.paged_prefill import paged_prefill_attention_triton
 from lowbit.kernels.reference import at_slots, kv_values
 from lowbit.quant.kv import dequantize_kv, quantize_kv
@@ -69,6 +70,13 @@ class PagedKVCache:
         cache, into their rows of `out`; one kernel launch (when `prefill_kernel`)."""
         paged_prefill_attention_triton(q, self.k, self.v, self.k_sz, self.v_sz, block_tables, seq_lens,
                                        cu_seqlens_q, seqs, max_q_len, scale, out)
+
+    def gather_batch(self, block_tables: torch.Tensor, seqs: torch.Tensor, cu_k: torch.Tensor, k_lens: list[int],
+                     dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several sequences' K/V as packed rows in `dtype` (`kernels.kv_gather.gather_kv`): sequence
+        `seqs[i]`'s first `k_lens[i]` positions at rows `cu_k[i]` on; one pass on CUDA."""
+        return gather_kv(self.k, self.v, self.k_sz, self.v_sz, block_tables, seqs, cu_k, max(k_lens), sum(k_lens),
+                         self.head_dim, dtype)
 
     def slots(self, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
         nb = -(-seq_len // self.block_size)

@@ -10,7 +10,8 @@
 | `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
 | `paged_attention` | `kv_cache_write` (with its echo), `paged_decode_attention` over int8 / int4 KV blocks (int4: V packed along the tokens, a transposed kernel) | - |
 | `sampling` | `race_sample`: a batch's categorical draws (exponential race, hashed noise) in one pass over the logits | - |
-| `paged_prefill` | `paged_prefill_attention_triton` (CUDA only; reference: `reference.paged_prefill_attention`): new tokens of several sequences over the same blocks, causal | - |
+| `kv_gather` | `gather_kv`: several sequences' cached K/V (any layout above) as packed rows of values, for flash attention over a cached context | - |
+| `paged_prefill` | `paged_prefill_attention_triton` (CUDA only; reference: `reference.paged_prefill_attention`): new tokens of several sequences over the same blocks, causal (the engine's path in 32 bits) | - |
 
 `common` holds what they share (int4 layout and SWAR widening, split-K, tile order); `testing`
 the helpers of their tests and benchmark. Timings: docs/benchmarks.md.

@@ -10,9 +10,9 @@ power of two), so each K/V tile read serves all of them. The new tokens of seque
 rows `cu_seqlens_q[s] .. cu_seqlens_q[s + 1]`, the last of its `seq_lens[s]` cache positions, and
 query token i attends to positions `<= seq_lens[s] - q_len + i`.
 
-Behind the engine on CUDA for chunks over a cached context (`layers/attention.py`): one launch per
-layer for all of them instead of a gather, dequantization and SDPA call per sequence (elsewhere the
-layer keeps that per-sequence path, the numbers the generic caches give). Fresh prompts take
+Behind the engine on CUDA for chunks over a cached context in 32 bits (`layers/attention.py`; in 16
+bits they take `kv_gather.py`'s packed rows and varlen flash attention, which reads each value once
+per query tile in 16 bits where this kernel widens the codes again for every query tile). Fresh prompts take
 flash attention over the cache write's echo instead: on an H200 (`lowbit bench kernels --only
 prefill`, docs/benchmarks.md) this kernel runs at 0.53x torch SDPA over bf16 values and 0.14-0.21x
 over codes, where every query tile's program converts the same K/V tiles again.

@@ -206,6 +206,14 @@ def cached_kv(k_cache, v_cache, k_sz, v_sz, block_table, n: int, head_dim: int):
             kv_values(v_cache, v_sz, slots, head_dim, v_tokens_packed(k_cache, head_dim)))
 
 
+def gather_kv(k_cache, v_cache, k_sz, v_sz, block_tables, seqs, cu_k, max_k, total, head_dim, dtype):
+    lens = (cu_k[1:] - cu_k[:-1]).tolist()
+    parts = [cached_kv(k_cache, v_cache, k_sz, v_sz, block_tables[s], n, head_dim) for s, n in zip(seqs.tolist(), lens)]
+    hkv = k_cache.shape[1]
+    empty = k_cache.new_empty(0, hkv, head_dim, dtype=torch.float32)
+    return tuple(torch.cat([p[i] for p in parts] or [empty]).to(dtype) for i in range(2))
+
+
 def paged_decode_attention(q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, scale,
                            max_seq_len=None) -> torch.Tensor:
     b, hq, d = q.shape

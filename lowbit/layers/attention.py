@@ -6,8 +6,9 @@ Sequences with one new token run the cache's decode kernel together (when it has
 (nothing cached before them) attend together over their K/V as the cache holds them (echoed by
 the write, so nothing is read back): SDPA over views of runs of equal length (cuDNN only for shapes
 that recur, `layers/context.py`), else varlen flash attention on CUDA, padded SDPA elsewhere; chunks
-over a cached context run the cache's prefill kernel together (the kernel-layout caches on CUDA), or
-one sequence at a time over what the cache hands back.
+over a cached context (the kernel-layout caches on CUDA) attend together by varlen flash attention
+over their contexts gathered into 16-bit rows (the cache's prefill kernel in 32 bits), or one sequence
+at a time over what the cache hands back.
 """
 from __future__ import annotations
 
@@ -109,11 +110,33 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Atte
         for run in runs:
             _run_attention(q, k, v, out, run, scale)
         return out
-    if (_VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and k.dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256):
+    if _varlen_serves(q, k.dtype):
         n = max(ctx.fresh_lens)
         return varlen_attn(q, k, v, ctx.fresh_cu, ctx.fresh_cu, n, n, scale=scale, **_VARLEN)
     return padded_causal_attention(q, k, v, ctx.fresh_lens, ctx.fresh_pad, scale)
+
+
+def _varlen_serves(q: torch.Tensor, kv_dtype: torch.dtype) -> bool:
+    """Whether varlen flash attention takes these operands: CUDA, 16 bits, a head_dim it compiles."""
+    return (_VARLEN is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and kv_dtype == q.dtype
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+
+
+def chunk_attention(q: torch.Tensor, cache, ctx: AttentionContext, scale: float, out: torch.Tensor) -> None:
+    """The chunks of `ctx` (new tokens over a cached context, already written) attend causally to all the
+    cache holds for them, into their rows of `out`. In 16 bits on CUDA: their contexts gathered once into
+    packed rows of values (`cache.gather_batch`), then one varlen flash-attention call, whose causal mask
+    is aligned to the last key (new token i of n sees the first L - n + i + 1 of L positions); else
+    the cache's prefill kernel over its codes (one launch)."""
+    cu = ctx.cu_seqlens_q_list
+    max_q = max(cu[i + 1] - cu[i] for i in ctx.chunk_seqs)
+    if not _varlen_serves(q, q.dtype):
+        cache.prefill(q, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.chunk_index, max_q, scale, out)
+        return
+    k, v = cache.gather_batch(ctx.block_tables, ctx.chunk_index, ctx.chunk_cu_k, ctx.chunk_k_lens, q.dtype)
+    rows = ctx.chunk_rows
+    out[rows] = varlen_attn(q[rows], k, v, ctx.chunk_cu_q, ctx.chunk_cu_k, max_q, max(ctx.chunk_k_lens), scale=scale,
+                            **_VARLEN)
 
 
 class Attention(nn.Module):
@@ -149,10 +172,9 @@ class Attention(nn.Module):
             rows = ctx.fresh_rows
             out[rows] = fresh_attention(q[rows], held[0][rows].to(q.dtype), held[1][rows].to(q.dtype), ctx,
                                         self.scale)
-        if cache.prefill_kernel:  # chunks over cached context: one launch for all of them
+        if cache.prefill_kernel:  # chunks over cached context: all of them at once
             if ctx.chunk_seqs:
-                cache.prefill(q, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_q, ctx.chunk_index,
-                              max(cu[i + 1] - cu[i] for i in ctx.chunk_seqs), self.scale, out)
+                chunk_attention(q, cache, ctx, self.scale, out)
             return out
         done = set(decodes or ()) | set(ctx.fresh_seqs or ())
         for i in range(len(cu) - 1):

@@ -134,6 +134,29 @@ class AttentionContext:
         return to_device(self.chunk_seqs, torch.int32, self.cu_seqlens_q.device)
 
     @cached_property
+    def chunk_rows(self) -> slice | torch.Tensor:
+        """The chunks' token rows (`row_index`)."""
+        cu = self.cu_seqlens_q_list
+        return row_index([(cu[i], cu[i + 1]) for i in self.chunk_seqs], self.cu_seqlens_q.device)
+
+    @cached_property
+    def chunk_cu_q(self) -> torch.Tensor:
+        """int32 `[len(chunk_seqs) + 1]`: the chunks' offsets within their rows."""
+        cu = self.cu_seqlens_q_list
+        return to_device(list(accumulate((cu[i + 1] - cu[i] for i in self.chunk_seqs), initial=0)), torch.int32,
+                         self.cu_seqlens_q.device)
+
+    @cached_property
+    def chunk_k_lens(self) -> list[int]:
+        """Each chunk's sequence length in the cache after this step (context and new tokens)."""
+        return [self.seq_lens_list[i] for i in self.chunk_seqs]
+
+    @cached_property
+    def chunk_cu_k(self) -> torch.Tensor:
+        """int32 `[len(chunk_seqs) + 1]`: offsets of the chunks' gathered K/V rows (`chunk_k_lens`)."""
+        return to_device(list(accumulate(self.chunk_k_lens, initial=0)), torch.int32, self.cu_seqlens_q.device)
+
+    @cached_property
     def fresh_cu(self) -> torch.Tensor:
         """int32 `[len(fresh_seqs) + 1]`: the fresh sequences' offsets within their rows
         (`cu_seqlens_q` itself when every sequence is fresh)."""
