@@ -142,7 +142,8 @@ def _mixed_batch(spec, dtype, device, g):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="CUDA"))])
 @pytest.mark.parametrize("spec,dtype", [(KVSpec(4), torch.float32), (KVSpec(8), torch.float32),
-                                        (None, torch.bfloat16)], ids=["kv4", "kv8", "bf16"])
+                                        (None, torch.bfloat16), (KVSpec(4), torch.bfloat16)],
+                         ids=["kv4", "kv8", "bf16", "kv4-bf16"])
 def test_mixed_batch_attention_matches_the_torch_path(spec, dtype, device):
     """Decodes (one kernel call), chunks over cached context (on CUDA: gathered rows and varlen flash
     attention in 16 bits, the prefill kernel in 32; one at a time elsewhere) and fresh prompts in one
