@@ -13,8 +13,11 @@ from lowbit.kernels.w4a4 import prepare_w4a4, w4a4_gemm_triton  # noqa: E402
 from lowbit.quant.formats import pack_int4  # noqa: E402
 
 DEV = testing.triton_device()
-SHAPES = [(1, 40, 576, 128), (3, 72, 320, 64), (17, 48, 576, 128)]  # m, n, k4, k_out
-CONFIGS = [TileConfig(block_m=16, block_n=64, split_k=2), TileConfig(block_m=32, block_n=32, split_k=1)]
+# m, n, k4, k_out: a last group shorter than 128 (masked along K), or whole groups (EVEN_K: unmasked), with
+# outliers or without (QuaRot's layout)
+SHAPES = [(1, 40, 576, 128), (3, 72, 320, 64), (17, 48, 576, 128), (5, 40, 512, 0), (16, 64, 384, 32)]
+CONFIGS = [TileConfig(block_m=16, block_n=64, split_k=2), TileConfig(block_m=32, block_n=32, split_k=1),
+           TileConfig(swap=True, block_m=16, block_n=64, split_k=2), TileConfig(swap=True, block_m=16, block_n=32, split_k=1)]
 BOUND = 5e-3  # exact int32 sums, fp32 rescaling, a bf16 output
 
 
@@ -39,7 +42,8 @@ def test_reference_matches_float64(m, n, k4, k_out):
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
-@pytest.mark.parametrize("cfg", CONFIGS + [None], ids=lambda c: "default" if c is None else f"{c.block_m}x{c.block_n}s{c.split_k}")
+@pytest.mark.parametrize("cfg", CONFIGS + [None],
+                         ids=lambda c: "default" if c is None else f"{'swap' * c.swap}{c.block_m}x{c.block_n}s{c.split_k}")
 @pytest.mark.parametrize("m,n,k4,k_out", SHAPES)
 def test_triton_matches_reference(m, n, k4, k_out, cfg):
     acts, w, want = _case(m, n, k4, k_out, testing.gen(), DEV)

@@ -156,12 +156,35 @@ def _w4a16_preset(m: int) -> Preset:
                   ("N", "K", "stride_xm", "stride_wn", "stride_om", "GROUP"))
 
 
+def _w4a4_preset(m: int, even_k: bool = True, **changes) -> Preset:
+    """The W4A4 + int8 outliers GEMM (Atom) at Llama-3-8B's gate_up (N 28672, K 4096: 3968 int4 channels in
+    whole groups, 128 outliers) as `w4a4_gemm` launches it for M tokens (its default config, two K-splits);
+    `changes`: other TileConfig fields; `even_k=False`: the loads masked along K, as for a short last group
+    (and for every shape before `EVEN_K`)."""
+    from lowbit.kernels.w4a4 import default_config
+
+    cfg = dataclasses.replace(default_config(m), **changes)
+    types = dict(x4_ptr="*u8", xs4_ptr="*fp32", x8_ptr="*i8", xs8_ptr="*fp32", w4_ptr="*u8", ws4_ptr="*fp32",
+                 w8_ptr="*i8", ws8_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32",
+                 K4="i32", KO="i32", stride_x4="i32", stride_xs4="i32", stride_x8="i32", stride_w4="i32",
+                 stride_w8="i32", stride_om="i32")
+    name = f"w4a4-m{m}" + "".join(f"-{k}{v}" for k, v in changes.items()) + ("" if even_k else "-masked")
+    # one group step reads 128 int4 codes of each of BN channels and their fp32 scale (the activations: from L2)
+    return Preset(name, "lowbit.kernels.w4a4:_w4a4_kernel", types,
+                  dict(BM=cfg.block_m, BN=cfg.block_n, BKO=128, SPLIT_K=2, GROUP_M=cfg.group_m, SWAP=cfg.swap,
+                       EVEN_K=even_k, ASM=True),
+                  cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4),
+                  f"W4A4 + outliers GEMM, M = {m}, one group of 128 per iteration",
+                  ("N", "K4", "stride_x4", "stride_w4", "stride_om", "stride_w8", "stride_x8"))
+
+
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
                                 _w8a8_tma_preset(4096, False),
-                                _w8a8_tma_preset(4096, True), _w4a16_preset(1))}
+                                _w8a8_tma_preset(4096, True), _w4a16_preset(1), _w4a4_preset(1),
+                                _w4a4_preset(1, swap=False), _w4a4_preset(1, even_k=False, swap=False))}
 
 
 def _jit_function(path: str):
