@@ -336,10 +336,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     acc = tl.zeros([BH, D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
     for t0 in range(start, end, BN):
-        offs_n = t0 + tl.arange(0, BN)
-        n_ok = offs_n < end
-        blk = tl.load(bt_ptr + b * stride_bt + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
-        row = (blk * HKV + kvh) * BS + offs_n % BS
+        n_ok, row = _step_rows(bt_ptr + b * stride_bt, kvh, t0, end, HKV, BS, BN)
         kc = tl.load(kc_ptr + row[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
@@ -374,6 +371,15 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
         tl.store(po_ptr + part * D + offs_d[None, :], acc * inv_l, mask=h_ok)
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(plse_ptr + part, lse[:, None], mask=h_ok)
+
+
+@triton.jit
+def _step_rows(bt_row, kvh, t0, end, HKV: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
+    """A step's BN cache positions from t0: which are before `end`, and their (token, head) rows."""
+    offs = t0 + tl.arange(0, BN)
+    ok = offs < end
+    blk = tl.load(bt_row + offs // BS, mask=ok, other=0).to(tl.int64)
+    return ok, (blk * HKV + kvh) * BS + offs % BS
 
 
 @triton.jit

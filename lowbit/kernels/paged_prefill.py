@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.kernels.common import cdiv, tl, triton
-from lowbit.kernels.paged_attention import _code_scores, _code_values, _codes_fp16, _pair_tiles, kv_bits
+from lowbit.kernels.paged_attention import (_code_scores, _code_values, _codes_fp16, _pair_tiles, _step_rows,
+                                            kv_bits)
 
 
 @dataclass(frozen=True)
@@ -105,9 +106,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
                                               ASM)
         else:
             offs_t = k0 + tl.arange(0, BN)
-            t_ok = offs_t < end
-            blk = tl.load(bt_ptr + s * stride_bt + offs_t // BS, mask=t_ok, other=0).to(tl.int64)
-            krow = (blk * HKV + kvh) * BS + offs_t % BS
+            t_ok, krow = _step_rows(bt_ptr + s * stride_bt, kvh, k0, end, HKV, BS, BN)
             kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
             if BITS == 16:
                 scores = tl.dot(qa, tl.trans(kc)) * qk_scale
