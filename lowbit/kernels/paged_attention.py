@@ -184,8 +184,8 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
     """One token's heads -> their cache slot; with ECHO also `(c - z) * s` (what the cache now
     holds) into a contiguous `[T, HKV, D]` of x's dtype, for every token (slot -1 too).
     TOKENS_PACKED (int4 V): the slot's byte also holds its partner slot's (slot ^ 1) codes; when the
-    row beside this one writes the partner, both programs quantize both rows and store the same byte,
-    else the partner's nibble is kept from the cache."""
+    row beside this one writes the partner, the even slot's program quantizes both rows and stores
+    the byte, else the partner's nibble is kept from the cache."""
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs_h = tl.arange(0, BH)
@@ -206,12 +206,14 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
         nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < n_tokens, other=-2)
         byte_ptr = cache_ptr + ((slot // BS * HKV + offs_h[:, None]) * D + offs_d[None, :]) * (BS // 2) + slot % BS // 2
         if (slot >= 0) & ((prev == partner) | (nxt == partner)):
-            other = tl.where(prev == partner, t - 1, t + 1)
-            cp, _, _ = _quant_row(x_ptr + other * stride_t + offs_h[:, None] * stride_h + offs_d[None, :], h_ok, 15.0)
+            if slot % 2 == 0:  # the pair's byte, stored once, by its even slot's program
+                other = tl.where(prev == partner, t - 1, t + 1)
+                cp, _, _ = _quant_row(x_ptr + other * stride_t + offs_h[:, None] * stride_h + offs_d[None, :], h_ok,
+                                      15.0)
+                tl.store(byte_ptr, c | (cp << 4), mask=ok)
         else:
             cp = (tl.load(byte_ptr, mask=ok, other=0) >> (4 - 4 * (slot % 2)).to(tl.uint8)) & 15
-        even = (slot % 2) == 0
-        tl.store(byte_ptr, tl.where(even, c | (cp << 4), cp | (c << 4)), mask=ok)
+            tl.store(byte_ptr, tl.where(slot % 2 == 0, c | (cp << 4), cp | (c << 4)), mask=ok)
         if ECHO:
             tl.store(echo_rows + offs_d[None, :], ((c.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty), mask=h_ok)
     elif BITS == 8:
