@@ -33,7 +33,19 @@ W4A16 = {"w4a16": QuantSpec(bits=4, symmetric=False, granularity="group"),
          "w4a16-channel": QuantSpec(bits=4, granularity="channel")}  # GPTQ's g128 asymmetric, and others
 
 
+W4A4_ACT = QuantSpec(bits=4, granularity="group", clip=0.9)  # Atom's and QuaRot's int4 g128 activations
+
+
 def method_for(fmt, w):
+    if fmt.startswith("w4a4"):  # Atom: reordered input, the last 64 channels int8; QuaRot: int4 throughout
+        k = w.shape[1]
+        k_out = 64 if fmt == "w4a4-atom" else 0
+        wq = w.float().cpu()
+        segments = [(0, k - k_out, quantize(wq[:, :k - k_out], QuantSpec(bits=4, granularity="group", clip=0.85)))]
+        if k_out:
+            segments.append((k - k_out, k, quantize(wq[:, k - k_out:], OUTLIER_WEIGHT)))
+        perm = torch.randperm(k, generator=torch.Generator().manual_seed(k)) if k_out else None
+        return QuantLinearMethod(segments, W4A4_ACT, act_outliers=k_out, input_perm=perm)
     if fmt == "w4a8":
         return QuantLinearMethod(quantize_progressive(w.float().cpu()), INT8_TOKEN)
     if fmt in W4A16:
@@ -42,7 +54,7 @@ def method_for(fmt, w):
     return QuantLinearMethod([(0, w.shape[1], quantize(w.float().cpu(), spec))], INT8_TOKEN if fmt == "w8a8-int8" else FP8)
 
 
-@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", *W4A16])
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", *W4A16, "w4a4-atom", "w4a4-rot"])
 @pytest.mark.parametrize("m,k,bias", [(1, 576, False), (3, 256, True), (17, 640, False)])
 def test_kernel_path_matches_the_reference_path(fmt, m, k, bias):
     seed = torch.seed() % 2**31
@@ -67,3 +79,11 @@ def test_formats_without_a_kernel_keep_the_reference_path():
     for spec in (QuantSpec(bits=4, granularity="group", group_size=32), QuantSpec(bits=8)):  # W4A16 takes groups of 64, 128, channels
         method = QuantLinearMethod([(0, 256, quantize(lin.weight.data.cpu(), spec))], None)
         assert method.kernel_format() is None
+    # W4A4 takes symmetric int4 groups of 128 on both sides (and int8 outliers per channel)
+    int4_g64 = QuantSpec(bits=4, granularity="group", group_size=64)
+    for w_spec, a_spec in ((int4_g64, W4A4_ACT), (QuantSpec(bits=4, granularity="group"), int4_g64),
+                           (QuantSpec(bits=4, granularity="group", symmetric=False), W4A4_ACT)):
+        method = QuantLinearMethod([(0, 256, quantize(lin.weight.data.cpu(), w_spec))], a_spec)
+        assert method.kernel_format() is None
+    w4a4 = method_for("w4a4-atom", lin.weight.data)
+    assert w4a4.kernel_format() == "w4a4" and w4a4.token_dtype() is None  # it quantizes its own input

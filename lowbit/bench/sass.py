@@ -184,7 +184,8 @@ def presets() -> dict[str, Preset]:
                                 _w4a8_preset(1), _w4a8_preset(64), _w4a8_preset(1, True), _w4a8_preset(64, True),
                                 _w8a8_tma_preset(4096, False),
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1), _w4a4_preset(1),
-                                _w4a4_preset(1, swap=False), _w4a4_preset(1, even_k=False, swap=False))}
+                                _w4a4_preset(1, swap=False), _w4a4_preset(1, even_k=False, swap=False),
+                                *(_w4a4_preset(m, even_k=e) for m in (64, 4096) for e in (True, False)))}
 
 
 def _jit_function(path: str):

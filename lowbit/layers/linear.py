@@ -50,7 +50,8 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
             return None
         weight, kernel = torch.cat([p.weight for p in parts]), None
     elif all(m is not None and m.kernel is not None for m in methods):
-        if len({type(m.kernel) for m in methods}) != 1 or any(m.activation != methods[0].activation for m in methods):
+        if (len({type(m.kernel) for m in methods}) != 1 or any(m.activation != methods[0].activation for m in methods)
+                or not hasattr(type(methods[0].kernel), "cat")):  # W4A4 (its own activation quantization) is not fused
             return None
         weight, kernel = first.weight.new_empty(0), type(methods[0].kernel).cat([m.kernel for m in methods])
     else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.quant.formats import QTensor, QuantSpec, dequantize, fake_quantize
+from lowbit.quant.formats import QTensor, QuantSpec, dequantize, fake_quantize, quantize
 from lowbit.quant.progressive import ProgressiveWeight, dequantize_progressive
 
 OUTLIER_ACT = QuantSpec(bits=8, granularity="channel")  # Atom: outlier channels int8 per token
@@ -64,8 +64,11 @@ class QuantLinearMethod:
     def kernel_format(self) -> str | None:
         """Which GEMM kernel computes this layer's function exactly, if any: "w4a8" (QServe progressive
         weights x int8 per token), "w8a8" (int8 x int8 or fp8 x fp8, per channel x per token),
-        "w4a16" (int4 weights in groups of 64 or 128 or per channel x 16-bit activations: GPTQ)."""
+        "w4a16" (int4 weights in groups of 64 or 128 or per channel x 16-bit activations: GPTQ),
+        "w4a4" (int4 g128 weights and activations, with Atom's int8 outlier channels or without)."""
         act = self.activation
+        if act is not None and act.bits == 4 and act.granularity == "group":
+            return "w4a4" if self._w4a4_format() else None
         if self.act_outliers or self.input_perm is not None:
             return None
         if act is None:
@@ -80,8 +83,27 @@ class QuantLinearMethod:
                 return "w8a8"
         return None
 
+    def _w4a4_format(self) -> bool:
+        """Symmetric int4 groups of 128 on both sides over the first K - k channels (after input_perm),
+        and the last k (Atom's outliers, k = act_outliers <= 128) int8: per token x per channel."""
+        act, w = self.activation, self.weight
+        if (act.dtype != "int" or not act.symmetric or act.group_size != 128 or isinstance(w, ProgressiveWeight)
+                or w is None or len(w) != 1 + bool(self.act_outliers) or self.act_outliers > 128):
+            return False
+        (start, k4, qt4), *rest = w
+        spec = qt4.spec
+        if start != 0 or spec.bits != 4 or spec.dtype != "int" or not spec.symmetric or spec.granularity != "group" \
+                or spec.group_size != 128:
+            return False
+        if not rest:
+            return True
+        o_start, o_stop, qt8 = rest[0]
+        return (o_start == k4 and o_stop - o_start == self.act_outliers and qt8.spec.bits == 8
+                and qt8.spec.dtype == "int" and qt8.spec.symmetric and qt8.spec.granularity == "channel")
+
     def prepare_kernel(self) -> bool:
         """Put the weight in its kernel's layout (once, at load); False when no kernel computes this format."""
+        from lowbit.kernels.w4a4 import prepare_w4a4
         from lowbit.kernels.w4a8 import prepare_w4a8
         from lowbit.kernels.w4a16 import prepare_w4a16
         from lowbit.kernels.w8a8 import prepare_w8a8
@@ -97,17 +119,24 @@ class QuantLinearMethod:
         elif fmt == "w8a8":
             qt = self.weight[0][2]
             self.kernel = prepare_w8a8(qt.codes, qt.scale)
+        elif fmt == "w4a4":
+            qt4 = self.weight[0][2]
+            n = qt4.shape[0]
+            w8, ws8 = ((self.weight[1][2].codes, self.weight[1][2].scale) if self.act_outliers else
+                       (qt4.codes.new_zeros(n, 0, dtype=torch.int8), qt4.scale.new_ones(n)))
+            self.kernel = prepare_w4a4(qt4.codes, qt4.shape[1], qt4.scale, w8, ws8)
         return fmt is not None
 
     def token_dtype(self) -> torch.dtype | None:
         """The per-token activation codes this layer's kernel reads (int8 or fp8); None without a
-        kernel, or for one that reads the activations as they are (W4A16)."""
-        if self.kernel is None or self.activation is None:
+        kernel, or for one that reads the activations as they are (W4A16) or quantizes them itself (W4A4)."""
+        if self.kernel is None or self.activation is None or self.activation.bits == 4:
             return None
         return torch.float8_e4m3fn if self.activation.dtype == "fp8" else torch.int8
 
     def _apply_kernel(self, layer, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         from lowbit.kernels.actquant import quant_per_token
+        from lowbit.kernels.w4a4 import W4A4Weight, w4a4_gemm
         from lowbit.kernels.w4a8 import W4A8Weight, w4a8_gemm
         from lowbit.kernels.w4a16 import W4A16Weight, w4a16_gemm
         from lowbit.kernels.w8a8 import w8a8_gemm
@@ -115,6 +144,8 @@ class QuantLinearMethod:
         shape = x.shape
         if isinstance(self.kernel, W4A16Weight):  # bf16 activations as they are
             y = w4a16_gemm(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.kernel)
+        elif isinstance(self.kernel, W4A4Weight):
+            y = w4a4_gemm(*self._w4a4_input(x.reshape(-1, shape[-1])), self.kernel)
         else:
             if isinstance(x, QuantizedActivation):
                 x_q, x_s = x.q, x.scale
@@ -126,6 +157,19 @@ class QuantLinearMethod:
         if layer.bias is not None:
             y = y + layer.bias
         return y.view(*shape[:-1], -1)
+
+    def _w4a4_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x `[M, K]` -> what the W4A4 kernel reads: int4 g128 codes and scales of the first K4 channels
+        (after input_perm), int8 per-token codes and scales of the outliers (none: `[M, 0]`). The same
+        quantization as `quantize_input`'s (`formats.quantize`), kept as codes."""
+        if self.input_perm is not None:
+            x = x[:, self.input_perm]
+        k4 = self.kernel.k4
+        q4 = quantize(x[:, :k4], self.activation)
+        if not self.act_outliers:
+            return q4.codes, q4.scale, x.new_zeros(x.shape[0], 0, dtype=torch.int8), q4.scale.new_ones(x.shape[0])
+        q8 = quantize(x[:, k4:], OUTLIER_ACT)
+        return q4.codes, q4.scale, q8.codes, q8.scale
 
     def to(self, device) -> "QuantLinearMethod":
         """Move what the forward reads to `device` (the codes too, so kernels can be prepared there)."""
