@@ -5,7 +5,8 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=. LOWBIT_TEST_TOKENIZER=$PWD/.gg/tokenizer LOWBIT_COMMIT=$1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_paged_attention.py tests/test_kernels_paged_prefill.py tests/test_kernels_kv_gather.py \
-  tests/test_engine_kernels.py tests/test_kv_quant.py tests/test_engine.py tests/test_prefix_cache.py > $OUT/pytest.log 2>&1
+  tests/test_engine_kernels.py tests/test_kv_quant.py tests/test_engine.py tests/test_prefix_cache.py tests/test_kernels_w4a4.py \
+  tests/test_kernel_path.py > $OUT/pytest.log 2>&1
 tail -5 $OUT/pytest.log
 timeout 330 python3 -m lowbit.bench kernels --quick --only attention --sweep --batches 64 2048 --contexts 1024 4096 \
   --markdown --out $OUT/attn > $OUT/attn.md 2>&1
