@@ -96,3 +96,39 @@ def test_quant_per_token(t, dtype):
         return
     got = actquant.quant_per_token_triton(x.to(DEV), dtype)
     _same_codes(got[0], q, got[1], scale, dtype)
+
+
+@pytest.mark.parametrize("k_out", [0, 64], ids=["no-outliers", "outliers"])
+@pytest.mark.parametrize("perm", [False, True], ids=["", "perm"])
+@pytest.mark.parametrize("t", ROWS)
+def test_group_quant(t, perm, k_out):
+    """W4A4's inputs: per group of 128 (the last one short when k4 = 576), `s = absmax * 0.9 / 7` and
+    `q = clamp(round(y / s), -8, 7)` packed two a byte; the outliers `absmax / 127` per token. The
+    Triton kernel gives the same codes (a tie broken the other way, rarely) and scales."""
+    from lowbit.quant.formats import unpack_int4
+    g = testing.gen()
+    x, _, _, p = _inputs(t, g)
+    p = p if perm else None
+    k4 = H - k_out
+    x4, xs4, x8, xs8 = reference.group_quant(x, p, k4, 0.9, k_out)
+    y = x.double()[:, p.long()] if p is not None else x.double()
+    for gi in range(xs4.shape[1]):
+        cols = slice(gi * 128, min(k4, gi * 128 + 128))
+        s = y[:, cols].abs().amax(1) * 0.9 / 7
+        assert torch.allclose(xs4[:, gi].double(), s, rtol=1e-6)
+        want = torch.clamp(torch.round(y[:, cols].float() / xs4[:, gi, None]), -8, 7)  # in fp32, as the contract
+        assert torch.equal(unpack_int4(x4, k4, signed=True)[:, cols].float(), want)
+    if k_out:
+        assert torch.allclose(xs8.double(), y[:, k4:].abs().amax(1) / 127, rtol=1e-6)
+        assert testing.rel_err(x8.double() * xs8.double()[:, None], y[:, k4:]) < QBOUND[torch.int8]
+    else:
+        assert x8.shape == (t, 0) and torch.equal(xs8, torch.ones(t))
+    if DEV is None:
+        return
+    got = actquant.group_quant_triton(x.to(DEV), None if p is None else p.to(DEV), k4, 0.9, k_out)
+    assert torch.equal(got[1].cpu(), xs4) and torch.equal(got[3].cpu(), xs8)
+    diff = (unpack_int4(got[0].cpu(), k4, signed=True).int() - unpack_int4(x4, k4, signed=True).int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    if k_out:
+        d8 = (got[2].cpu().int() - x8.int()).abs()
+        assert d8.max() <= 1 and (d8 > 0).float().mean() < 0.01

@@ -2,7 +2,9 @@
 
 - `rmsnorm_quant`: [residual add ->] RMSNorm [-> channel permutation] -> int8 or fp8 per token;
 - `silu_mul_quant`: SiLU(gate) * up -> int8 or fp8 per token;
-- `quant_per_token`: x -> int8 or fp8 per token.
+- `quant_per_token`: x -> int8 or fp8 per token;
+- `group_quant`: x [-> channel permutation] -> symmetric int4 groups of 128 (W4A4's activations, a
+  clip ratio), and the last k channels int8 per token (Atom's outliers).
 
 int8: `s = absmax / 127`, `q = clamp(round(y / s), -128, 127)`; fp8 e4m3: `s = absmax / 448`,
 `q = fp8(y / s)`. An all-zero row gets `s = 0` and zero codes. With a residual, the sum is rounded
@@ -94,6 +96,72 @@ def quant_per_token(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
     if use_triton(x):
         return quant_per_token_triton(x, out_dtype)
     return reference.quant_per_token(x, out_dtype)
+
+
+def group_quant_triton(x, perm, k4: int, clip: float, k_out: int):
+    t, h = x.shape
+    groups = -(-k4 // 128)
+    x4 = torch.empty(t, -(-k4 // 2), dtype=torch.uint8, device=x.device)
+    xs4 = torch.empty(t, groups, dtype=torch.float32, device=x.device)
+    x8 = torch.empty(t, k_out, dtype=torch.int8, device=x.device)
+    xs8 = torch.empty(t, dtype=torch.float32, device=x.device) if k_out else torch.ones(t, device=x.device)
+    _group_quant_kernel[(t,)](x, perm if perm is not None else x, x4, xs4, x8, xs8, k4, k_out, x.stride(0), groups,
+                              clip, PERM=perm is not None, BKO=max(16, triton.next_power_of_2(k_out)), num_warps=4)
+    return x4, xs4, x8, xs8
+
+
+def group_quant(x: torch.Tensor, perm: torch.Tensor | None, k4: int, clip: float, k_out: int):
+    """x `[T, H]` (its channels gathered by perm: channel j is x's perm[j]) -> W4A4's inputs: the first
+    k4 channels as symmetric int4 in groups of 128 (`s = absmax * clip / 7`; `pack_int4` codes `[T, ceil(k4/2)]`,
+    scales fp32 `[T, groups]`), the last k_out (= H - k4) int8 per token (`s = absmax / 127`; codes `[T, k_out]`,
+    scales `[T]`, ones when k_out is 0): `formats.quantize` of each part, in one pass over the row."""
+    if use_triton(x):
+        return group_quant_triton(x, perm, k4, clip, k_out)
+    return reference.group_quant(x, perm, k4, clip, k_out)
+
+
+@triton.jit
+def _qscale(amax, QMAX: tl.constexpr, CLIP):
+    """`formats.compute_qparams`' symmetric scale: absmax * clip / qmax, 1 for an all-zero block."""
+    s = tl.math.div_rn(amax * CLIP, QMAX)
+    return tl.where(s > 0, s, 1.0)
+
+
+@triton.jit
+def _group_quant_kernel(x_ptr, perm_ptr, x4_ptr, xs4_ptr, x8_ptr, xs8_ptr, K4, KO, stride_x, G, clip,
+                        PERM: tl.constexpr, BKO: tl.constexpr):
+    """One token: each group of 128 channels as even and odd halves (a byte's low and high nibbles),
+    then the outlier channels."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row * stride_x
+    offs = tl.arange(0, 64)
+    for g in range(0, G):
+        cols = g * 128 + 2 * offs
+        ok_e, ok_o = cols < K4, cols + 1 < K4
+        if PERM:
+            cols_e = tl.load(perm_ptr + cols, mask=ok_e, other=0)
+            cols_o = tl.load(perm_ptr + cols + 1, mask=ok_o, other=0)
+        else:
+            cols_e, cols_o = cols, cols + 1
+        x_e = tl.load(x_row + cols_e, mask=ok_e, other=0.0).to(tl.float32)
+        x_o = tl.load(x_row + cols_o, mask=ok_o, other=0.0).to(tl.float32)
+        s = _qscale(tl.maximum(tl.max(tl.abs(x_e), 0), tl.max(tl.abs(x_o), 0)), 7.0, clip)
+        c_e = tl.clamp(round_half_even(tl.math.div_rn(x_e, s)), -8.0, 7.0).to(tl.int32)
+        c_o = tl.clamp(round_half_even(tl.math.div_rn(x_o, s)), -8.0, 7.0).to(tl.int32)
+        tl.store(x4_ptr + row * ((K4 + 1) // 2) + g * 64 + offs, ((c_e & 15) | ((c_o & 15) << 4)).to(tl.uint8),
+                 mask=ok_e)
+        tl.store(xs4_ptr + row * G + g, s)
+    if KO > 0:
+        o = tl.arange(0, BKO)
+        ok = o < KO
+        cols = K4 + o
+        if PERM:
+            cols = tl.load(perm_ptr + cols, mask=ok, other=0)
+        y = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        s = _qscale(tl.max(tl.abs(y), 0), 127.0, 1.0)
+        tl.store(x8_ptr + row * KO + o, tl.clamp(round_half_even(tl.math.div_rn(y, s)), -128.0, 127.0).to(tl.int8),
+                 mask=ok)
+        tl.store(xs8_ptr + row, s)
 
 
 @triton.jit

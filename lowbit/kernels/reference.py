@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from lowbit.kernels.common import KBLOCK, unpack_halves
-from lowbit.quant.formats import unpack_int4
+from lowbit.quant.formats import QuantSpec, quantize, unpack_int4
+from lowbit.quant.linear_method import OUTLIER_ACT
 from lowbit.quant.kv import quantize_kv
 
 
@@ -102,6 +103,16 @@ def silu_mul_quant(x, out_dtype=torch.int8):
     gate, up = x.float().chunk(2, dim=-1)
     y = torch.nn.functional.silu(gate) * up
     return _quantize_rows(y, y.abs().amax(-1), out_dtype)
+
+
+def group_quant(x, perm, k4, clip, k_out):
+    if perm is not None:
+        x = x[:, perm.long()]
+    q4 = quantize(x[:, :k4], QuantSpec(bits=4, granularity="group", clip=clip))
+    if not k_out:
+        return q4.codes, q4.scale, x.new_zeros(x.shape[0], 0, dtype=torch.int8), q4.scale.new_ones(x.shape[0])
+    q8 = quantize(x[:, k4:], OUTLIER_ACT)
+    return q4.codes, q4.scale, q8.codes, q8.scale
 
 
 def quant_per_token(x, out_dtype=torch.int8):

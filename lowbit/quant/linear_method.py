@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.quant.formats import QTensor, QuantSpec, dequantize, fake_quantize, quantize
+from lowbit.quant.formats import QTensor, QuantSpec, dequantize, fake_quantize
 from lowbit.quant.progressive import ProgressiveWeight, dequantize_progressive
 
 OUTLIER_ACT = QuantSpec(bits=8, granularity="channel")  # Atom: outlier channels int8 per token
@@ -159,17 +159,11 @@ class QuantLinearMethod:
         return y.view(*shape[:-1], -1)
 
     def _w4a4_input(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """x `[M, K]` -> what the W4A4 kernel reads: int4 g128 codes and scales of the first K4 channels
-        (after input_perm), int8 per-token codes and scales of the outliers (none: `[M, 0]`). The same
-        quantization as `quantize_input`'s (`formats.quantize`), kept as codes."""
-        if self.input_perm is not None:
-            x = x[:, self.input_perm]
-        k4 = self.kernel.k4
-        q4 = quantize(x[:, :k4], self.activation)
-        if not self.act_outliers:
-            return q4.codes, q4.scale, x.new_zeros(x.shape[0], 0, dtype=torch.int8), q4.scale.new_ones(x.shape[0])
-        q8 = quantize(x[:, k4:], OUTLIER_ACT)
-        return q4.codes, q4.scale, q8.codes, q8.scale
+        """x `[M, K]` -> what the W4A4 kernel reads (`actquant.group_quant`: int4 g128 codes and scales of
+        the first K4 channels after input_perm, int8 per-token codes and scales of the outliers): the
+        same quantization as `quantize_input`'s, kept as codes."""
+        from lowbit.kernels.actquant import group_quant
+        return group_quant(x, self.input_perm, self.kernel.k4, self.activation.clip, self.act_outliers)
 
     def to(self, device) -> "QuantLinearMethod":
         """Move what the forward reads to `device` (the codes too, so kernels can be prepared there)."""
