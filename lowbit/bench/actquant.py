@@ -1,11 +1,12 @@
 """The fused activation quantizers on the GPU: `python -m lowbit.bench actquant [--tokens T ...] [--sweep]`.
 
 Llama-3-8B's rows: SiLU-and-mul + int8 quantize of the MLP's `[T, 2 x 14336]` (`silu_mul_quant`),
-and RMSNorm + int8 quantize of `[T, 4096]` (`rmsnorm_quant`, as the decoder layers call them),
-beside their peers in the same run: our 16-bit kernels of the bf16 path (`silu_mul`, `rmsnorm`), and
-the unfused torch ops (the activation, then absmax, division, rounding). Each row: microseconds,
-the bytes the op must move (inputs read once, outputs written once) over the time, and that against
-the copy roof measured in the same run. `--sweep` adds `RowConfig`s of `silu_mul_quant`. JSON lines
+RMSNorm + int8 quantize of `[T, 4096]` (`rmsnorm_quant`, as the decoder layers call them), and
+W4A4's input quantization of `[T, 4096]` (`group_quant`: Atom's gather, int4 groups of 128, 128 int8
+outliers). Beside them in the same run: our 16-bit kernels of the bf16 path (`silu_mul`, `rmsnorm`), the
+unfused torch ops (the activation, then absmax, division, rounding; for `group_quant`, `formats.quantize`
+of each part, the path it replaced). Each row: microseconds, the bytes the op must move (inputs read
+once, outputs written once) over the time, and that against the copy roof measured in the same run. `--sweep` adds `RowConfig`s of `silu_mul_quant`. JSON lines
 as it goes, actquant.json under --out, a markdown table last.
 """
 from __future__ import annotations
@@ -42,6 +43,11 @@ def cases(t: int, sweep: bool) -> dict:
            "rmsnorm bf16 (ours)": (lambda: elementwise.rmsnorm_triton(h, w, 1e-5), norm_in + t * HIDDEN * 2),
            "rmsnorm_quant torch": (lambda: _torch_quant(torch.nn.functional.rms_norm(h.float(), (HIDDEN,), w.float(), 1e-5)),
                                    norm_in + t * HIDDEN + 4 * t)}
+    from lowbit.kernels import reference
+    perm = torch.randperm(HIDDEN, device=dev)
+    group_bytes = t * HIDDEN * 2 + HIDDEN * 8 + t * (HIDDEN - 128) // 2 + t * 128 + 4 * t * (HIDDEN // 128 + 1)
+    out["group_quant"] = (lambda: actquant.group_quant_triton(h, perm, HIDDEN - 128, 0.9, 128), group_bytes)
+    out["group_quant torch"] = (lambda: reference.group_quant(h, perm, HIDDEN - 128, 0.9, 128), group_bytes)
     if sweep:
         for kw in SWEEP:
             cfg = actquant.RowConfig(**kw)
