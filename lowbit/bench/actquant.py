@@ -6,8 +6,9 @@ W4A4's input quantization of `[T, 4096]` (`group_quant`: Atom's gather, int4 gro
 outliers). Beside them in the same run: our 16-bit kernels of the bf16 path (`silu_mul`, `rmsnorm`), the
 unfused torch ops (the activation, then absmax, division, rounding; for `group_quant`, `formats.quantize`
 of each part, the path it replaced). Each row: microseconds, the bytes the op must move (inputs read
-once, outputs written once) over the time, and that against the copy roof measured in the same run. `--sweep` adds `RowConfig`s of `silu_mul_quant`. JSON lines
-as it goes, actquant.json under --out, a markdown table last.
+once, outputs written once) over the time, and that against the copy roof measured in the same run.
+`--sweep` adds `RowConfig`s of `silu_mul_quant`. JSON lines as it goes, actquant.json under --out, a
+markdown table last.
 """
 from __future__ import annotations
 
