@@ -39,7 +39,7 @@ def test_fused_16bit_linear_is_the_concatenation(bias):
         assert testing.rel_err(p(x), w.double()) < 1e-6
 
 
-@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", "w4a16", "w4a16-channel"])
+@pytest.mark.parametrize("fmt", ["w4a8", "w8a8-int8", "w8a8-fp8", "w4a16", "w4a16-channel", "w4a4-atom", "w4a4-rot"])
 def test_fused_kernel_linear_is_the_concatenation(fmt):
     """Quantized parts on their kernels' layouts (the torch references of the kernels on the CPU)."""
     g = testing.gen()
@@ -66,6 +66,12 @@ def test_unfusable_parts_keep_their_own_path():
     c, d = _parts(g, 64, [32, 32])
     d.online_hadamard = True
     assert fuse_linears([c, d]) is None and fuse_linears([c]) is None
+    e, f = _parts(g, 256, [32, 32])  # W4A4 parts whose inputs are gathered in different orders
+    for p in (e, f):
+        install(p, method_for("w4a4-atom", p.weight.data))
+        assert p.quant_method.prepare_kernel()
+    f.quant_method.input_perm = f.quant_method.input_perm.flip(0)
+    assert fuse_linears([e, f]) is None
 
 
 def test_fused_model_keeps_its_logits_and_its_state_dict():

@@ -57,3 +57,17 @@ def test_triton_matches_reference(m, n, k4, k_out, cfg):
 def test_triton_cuda_model_shapes(m):
     acts, w, want = _case(m, 1024, 4096 - 128, 128, testing.gen(), "cuda")
     assert testing.rel_err(w4a4_gemm_triton(*acts, w), want) < BOUND
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+def test_a_fused_weights_rows_read_their_strided_scales():
+    """`W4A4Weight.rows`: a part of a fused weight (q/k/v) whose group scales are a column slice of the
+    fused ones (strided rows), read by the kernel as the part itself."""
+    g = testing.gen()
+    acts, w_a, _ = _case(3, 48, 512, 64, g, DEV)
+    _, w_b, _ = _case(3, 40, 512, 64, g, DEV)
+    fused = type(w_a).cat([w_a, w_b])
+    part = fused.rows(48, 88, w_b)
+    assert not part.ws4.is_contiguous()
+    out = w4a4_gemm_triton(*acts, part)
+    assert torch.equal(out.cpu(), w4a4_gemm_triton(*acts, w_b).cpu())

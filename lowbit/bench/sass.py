@@ -167,7 +167,7 @@ def _w4a4_preset(m: int, even_k: bool = True, **changes) -> Preset:
     types = dict(x4_ptr="*u8", xs4_ptr="*fp32", x8_ptr="*i8", xs8_ptr="*fp32", w4_ptr="*u8", ws4_ptr="*fp32",
                  w8_ptr="*i8", ws8_ptr="*fp32", out_ptr="*bf16", ws_ptr="*fp32", lock_ptr="*i32", M="i32", N="i32",
                  K4="i32", KO="i32", stride_x4="i32", stride_xs4="i32", stride_x8="i32", stride_w4="i32",
-                 stride_w8="i32", stride_om="i32")
+                 stride_ws4="i32", stride_w8="i32", stride_om="i32")
     name = f"w4a4-m{m}" + "".join(f"-{k}{v}" for k, v in changes.items()) + ("" if even_k else "-masked")
     # one group step reads 128 int4 codes of each of BN channels and their fp32 scale (the activations: from L2)
     return Preset(name, "lowbit.kernels.w4a4:_w4a4_kernel", types,
@@ -175,7 +175,7 @@ def _w4a4_preset(m: int, even_k: bool = True, **changes) -> Preset:
                        EVEN_K=even_k, ASM=True),
                   cfg.num_warps, cfg.num_stages, cfg.block_n * (64 + 4),
                   f"W4A4 + outliers GEMM, M = {m}, one group of 128 per iteration",
-                  ("N", "K4", "stride_x4", "stride_w4", "stride_om", "stride_w8", "stride_x8"))
+                  ("N", "K4", "stride_x4", "stride_w4", "stride_ws4", "stride_om", "stride_w8", "stride_x8"))
 
 
 def presets() -> dict[str, Preset]:

@@ -22,7 +22,7 @@ GROUP = 128
 
 @dataclass
 class W4A4Weight:
-    """w4: `pack_int4` codes `[N, ceil(K4/2)]`; ws4: fp32 `[n_groups, N]`; w8: int8 `[N, k_out]`;
+    """w4: `pack_int4` codes `[N, ceil(K4/2)]`; ws4: fp32 `[n_groups, N]` (rows may be strided: `rows`); w8: int8 `[N, k_out]`;
     ws8: fp32 `[N]`; k4: the int4 channel count."""
     w4: torch.Tensor
     ws4: torch.Tensor
@@ -34,6 +34,19 @@ class W4A4Weight:
     def n(self) -> int:
         return self.w4.shape[0]
 
+    @staticmethod
+    def cat(parts: list["W4A4Weight"]) -> "W4A4Weight":
+        """One weight whose output channels are the parts' in order (the same K and outlier channels)."""
+        if len({(p.k4, p.w8.shape[1]) for p in parts}) != 1:
+            raise ValueError("W4A4 weights of different K or outlier channels")
+        return W4A4Weight(torch.cat([p.w4 for p in parts]), torch.cat([p.ws4 for p in parts], dim=1),
+                          torch.cat([p.w8 for p in parts]), torch.cat([p.ws8 for p in parts]), parts[0].k4)
+
+    def rows(self, start: int, stop: int, part: "W4A4Weight") -> "W4A4Weight":
+        """Output channels [start, stop) as views of this weight (ws4's columns: a strided view)."""
+        return W4A4Weight(self.w4[start:stop], self.ws4[:, start:stop], self.w8[start:stop], self.ws8[start:stop],
+                          self.k4)
+
 
 def prepare_w4a4(w4: torch.Tensor, k4: int, ws4: torch.Tensor, w8: torch.Tensor,
                  ws8: torch.Tensor) -> W4A4Weight:
@@ -44,7 +57,7 @@ def prepare_w4a4(w4: torch.Tensor, k4: int, ws4: torch.Tensor, w8: torch.Tensor,
 
 
 def default_config(m: int) -> TileConfig:
-    if m <= 16:  # by count, untimed: 218 SASS instructions per group step against 249 unswapped (bench sass)
+    if m <= 16:  # by count, untimed: 213 SASS instructions per group step against 250 unswapped (bench sass)
         return TileConfig(swap=True, block_m=16, block_n=64, num_stages=3)
     if m <= 256:
         return TileConfig(block_m=64, block_n=128, num_stages=3)
@@ -62,7 +75,7 @@ def w4a4_gemm_triton(x4, xs4, x8, xs8, w: W4A4Weight, config: TileConfig | None 
     ws, locks = splitk_buffers(x4.device, split * m * n if split > 1 else 0, tiles)
     _w4a4_kernel[(tiles, split)](
         x4, xs4, x8, xs8, w.w4, w.ws4, w.w8, w.ws8, out, ws, locks, m, n, w.k4, k_out,
-        x4.stride(0), xs4.stride(0), x8.stride(0), w.w4.stride(0), w.w8.stride(0), out.stride(0),
+        x4.stride(0), xs4.stride(0), x8.stride(0), w.w4.stride(0), w.ws4.stride(0), w.w8.stride(0), out.stride(0),
         BM=cfg.block_m, BN=cfg.block_n, BKO=max(16, triton.next_power_of_2(k_out)), SPLIT_K=split,
         GROUP_M=cfg.group_m, SWAP=cfg.swap, EVEN_K=w.k4 % GROUP == 0, ASM=x4.is_cuda, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
@@ -81,7 +94,7 @@ def w4a4_gemm(x4: torch.Tensor, xs4: torch.Tensor, x8: torch.Tensor, xs8: torch.
 @triton.jit
 def _w4a4_kernel(x4_ptr, xs4_ptr, x8_ptr, xs8_ptr, w4_ptr, ws4_ptr, w8_ptr, ws8_ptr, out_ptr,
                  ws_ptr, lock_ptr, M, N, K4, KO, stride_x4, stride_xs4, stride_x8, stride_w4,
-                 stride_w8, stride_om, BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr,
+                 stride_ws4, stride_w8, stride_om, BM: tl.constexpr, BN: tl.constexpr, BKO: tl.constexpr,
                  SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, SWAP: tl.constexpr, EVEN_K: tl.constexpr,
                  ASM: tl.constexpr):
     """One output tile over this program's share of the groups; SWAP computes it transposed (the
@@ -105,7 +118,7 @@ def _w4a4_kernel(x4_ptr, xs4_ptr, x8_ptr, xs8_ptr, w4_ptr, ws4_ptr, w8_ptr, ws8_
         x_lo, x_hi = int4_signed(xp, ASM)
         w_lo, w_hi = int4_signed(wp, ASM)
         xs = tl.load(xs4_ptr + offs_m * stride_xs4 + g, mask=m_ok, other=0.0)
-        wsc = tl.load(ws4_ptr + g * N + offs_n, mask=n_ok, other=0.0)
+        wsc = tl.load(ws4_ptr + g * stride_ws4 + offs_n, mask=n_ok, other=0.0)
         if SWAP:
             part = tl.dot(w_lo, tl.trans(x_lo), out_dtype=tl.int32)
             part = tl.dot(w_hi, tl.trans(x_hi), part, out_dtype=tl.int32)

@@ -35,6 +35,10 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, format={fmt}"
 
 
+def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
+
+
 def fuse_linears(parts: list[Linear]) -> Linear | None:
     """One Linear whose output is the concatenation of `parts`' outputs on the same input (q/k/v,
     gate/up): one activation quantization and one GEMM instead of several. For 16-bit weights, and
@@ -50,8 +54,10 @@ def fuse_linears(parts: list[Linear]) -> Linear | None:
             return None
         weight, kernel = torch.cat([p.weight for p in parts]), None
     elif all(m is not None and m.kernel is not None for m in methods):
-        if (len({type(m.kernel) for m in methods}) != 1 or any(m.activation != methods[0].activation for m in methods)
-                or not hasattr(type(methods[0].kernel), "cat")):  # W4A4 (its own activation quantization) is not fused
+        first_m = methods[0]
+        if len({type(m.kernel) for m in methods}) != 1 or any(
+                m.activation != first_m.activation or m.act_outliers != first_m.act_outliers
+                or not _same_perm(m.input_perm, first_m.input_perm) for m in methods):
             return None
         weight, kernel = first.weight.new_empty(0), type(methods[0].kernel).cat([m.kernel for m in methods])
     else:
