@@ -99,6 +99,7 @@ def quant_per_token(x: torch.Tensor, out_dtype: torch.dtype = torch.int8):
 
 
 def group_quant_triton(x, perm, k4: int, clip: float, k_out: int):
+    x = x if x.stride(1) == 1 else x.contiguous()
     t, h = x.shape
     groups = -(-k4 // 128)
     x4 = torch.empty(t, -(-k4 // 2), dtype=torch.uint8, device=x.device)
