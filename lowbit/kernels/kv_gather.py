@@ -24,16 +24,14 @@ def gather_kv_triton(k_cache, v_cache, k_sz, v_sz, block_tables, seqs, cu_k, max
                      dtype):
     _, hkv, bs, _ = k_cache.shape
     d, bits = head_dim, kv_bits(k_cache, head_dim)
-    out = []
-    for cache, sz, packed in ((k_cache, k_sz, False), (v_cache, v_sz, reference.v_tokens_packed(k_cache, d))):
-        rows = torch.empty(total, hkv, d, dtype=dtype, device=k_cache.device)
-        if total == 0:
-            out.append(rows)
-            continue
-        grid = (cdiv(max_k, TOKENS_PER_PROGRAM), seqs.numel(), hkv)
+    out = [torch.empty(total, hkv, d, dtype=dtype, device=k_cache.device) for _ in range(2)]
+    if total == 0:
+        return out[0], out[1]
+    grid = (cdiv(max_k, TOKENS_PER_PROGRAM), seqs.numel(), hkv)
+    for cache, sz, rows, packed in ((k_cache, k_sz, out[0], False),
+                                    (v_cache, v_sz, out[1], reference.v_tokens_packed(k_cache, d))):
         _gather_kernel[grid](cache, sz, block_tables, seqs, cu_k, rows, block_tables.stride(0), HKV=hkv, D=d, BS=bs,
                              BITS=bits, TOKENS_PACKED=packed, BT=TOKENS_PER_PROGRAM, num_warps=4)
-        out.append(rows)
     return out[0], out[1]
 
 

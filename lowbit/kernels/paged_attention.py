@@ -338,7 +338,7 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
     acc = tl.zeros([BH, D], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # scores in log2 units: exp2 in the softmax
     for t0 in range(start, end, BN):
-        n_ok, row = _step_rows(bt_ptr + b * stride_bt, kvh, t0, end, HKV, BS, BN)
+        _, n_ok, row = _step_rows(bt_ptr + b * stride_bt, kvh, t0, end, HKV, BS, BN)
         kc = tl.load(kc_ptr + row[:, None] * D + offs_d[None, :], mask=n_ok[:, None], other=0)
         if BITS == 16:
             scores = tl.dot(qa, tl.trans(kc)) * qk_scale
@@ -377,11 +377,11 @@ def _paged_decode_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_ptr
 
 @triton.jit
 def _step_rows(bt_row, kvh, t0, end, HKV: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
-    """A step's BN cache positions from t0: which are before `end`, and their (token, head) rows."""
+    """A step's BN cache positions from t0, which are before `end`, and their (token, head) rows."""
     offs = t0 + tl.arange(0, BN)
     ok = offs < end
     blk = tl.load(bt_row + offs // BS, mask=ok, other=0).to(tl.int64)
-    return ok, (blk * HKV + kvh) * BS + offs % BS
+    return offs, ok, (blk * HKV + kvh) * BS + offs % BS
 
 
 @triton.jit

@@ -105,8 +105,7 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
                                               vsz_ptr, bt_ptr + s * stride_bt, kvh, k0, end, qk_scale, HKV, D, BS, BN,
                                               ASM)
         else:
-            offs_t = k0 + tl.arange(0, BN)
-            t_ok, krow = _step_rows(bt_ptr + s * stride_bt, kvh, k0, end, HKV, BS, BN)
+            offs_t, t_ok, krow = _step_rows(bt_ptr + s * stride_bt, kvh, k0, end, HKV, BS, BN)
             kc = tl.load(kc_ptr + krow[:, None] * DC + offs_c[None, :], mask=t_ok[:, None], other=0)
             if BITS == 16:
                 scores = tl.dot(qa, tl.trans(kc)) * qk_scale

@@ -173,10 +173,10 @@ def check_pairs_adjacent(slot_mapping: torch.Tensor) -> None:
 
 def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=False):
     d = key.shape[-1]
-    bits = 4 if k_cache.shape[-1] * 2 == d else 8
+    packed_v = v_tokens_packed(k_cache, d)  # an int4 cache
+    bits = 4 if packed_v else 8
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    packed_v = v_tokens_packed(k_cache, d)
     if packed_v:
         check_pairs_adjacent(slot_mapping)
     echoed = []
