@@ -43,6 +43,7 @@ class Preset:
     aligned_ints: tuple = ()  # integer arguments that are multiples of 16 at the engine's shapes
     maxnreg: int | None = None  # the launch's cap on registers per thread
     changes: tuple = ()  # (field, value) pairs of a decode preset's DecodeConfig beside the default
+    whole: bool = False  # a loop-free kernel (one row per program): count all of it, bytes per program
 
 
 def _decode_preset(bits: int, **config) -> Preset:
@@ -178,6 +179,31 @@ def _w4a4_preset(m: int, even_k: bool = True, **changes) -> Preset:
                   ("N", "K4", "stride_x4", "stride_w4", "stride_ws4", "stride_om", "stride_w8", "stride_x8"))
 
 
+def _row_preset(name: str, kernel: str, types: dict, constexprs: dict, width: int, bytes_per_col: int) -> Preset:
+    """A row kernel (one token's row per program, no loop) at Llama-3-8B's widths, launched as its
+    wrapper launches it: `bytes_per_col` is what one column of the row reads and writes."""
+    from lowbit.kernels.actquant import _launch_rows
+
+    launch = _launch_rows(width)
+    return Preset(name, kernel, types, {**constexprs, "BLOCK": launch["BLOCK"]}, launch["num_warps"], 1,
+                  width * bytes_per_col, f"one row of {width} per program (the whole kernel)",
+                  tuple(n for n, t in types.items() if t == "i32"), whole=True)
+
+
+def _row_presets() -> list[Preset]:
+    """The fused activation quantizers at Llama-3-8B's rows: the norms' 4096 (int8 codes, with and
+    without the residual add), SiLU-and-mul's 14336, and the o_proj input's plain per-token codes."""
+    norm = dict(x_ptr="*bf16", r_ptr="*bf16", rout_ptr="*bf16", w_ptr="*bf16", perm_ptr="*i32", q_ptr="*i8",
+                s_ptr="*fp32", H="i32", eps="fp32", stride_x="i32", stride_r="i32")
+    silu = dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", I="i32", stride_x="i32")
+    rows = "lowbit.kernels.actquant:_rownorm_quant_kernel"
+    return [_row_preset("rmsnorm-quant", rows, norm, dict(NORM=True, RESID=False, PERM=False, FP8=False), 4096, 3),
+            _row_preset("rmsnorm-quant-resid", rows, norm, dict(NORM=True, RESID=True, PERM=False, FP8=False), 4096, 7),
+            _row_preset("quant-per-token", rows, norm, dict(NORM=False, RESID=False, PERM=False, FP8=False), 4096, 3),
+            _row_preset("silu-mul-quant", "lowbit.kernels.actquant:_silu_mul_quant_kernel", silu,
+                        dict(FP8=False, TWO_PASS=False), 14336, 5)]
+
+
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
@@ -185,7 +211,8 @@ def presets() -> dict[str, Preset]:
                                 _w8a8_tma_preset(4096, False),
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1), _w4a4_preset(1),
                                 _w4a4_preset(1, swap=False), _w4a4_preset(1, even_k=False, swap=False),
-                                *(_w4a4_preset(m, even_k=e) for m in (64, 4096) for e in (True, False)))}
+                                *(_w4a4_preset(m, even_k=e) for m in (64, 4096) for e in (True, False)),
+                                *_row_presets())}
 
 
 def _jit_function(path: str):
@@ -285,7 +312,12 @@ def loops(sass: str) -> list[dict]:
 
 def report(preset: Preset) -> dict:
     cubin, shared = compile_sm90(preset)
-    body = max(loops(disassemble(cubin)), key=lambda lp: lp["instructions"], default=None)
+    sass = disassemble(cubin)
+    if preset.whole:
+        mix = collections.Counter(text.split()[0].split(".")[0] for _, text in instructions(sass))
+        body = dict(instructions=sum(mix.values()), mix=dict(mix.most_common()))
+    else:
+        body = max(loops(sass), key=lambda lp: lp["instructions"], default=None)
     if body is None:
         raise LowbitError(f"sass: {preset.name}: no loop in the compiled kernel")
     warps, mix, regs = preset.num_warps, body["mix"], registers(cubin)
