@@ -8,6 +8,7 @@ from lowbit.layers.linear import Linear, fuse_linears
 from lowbit.models.random_weights import load_random_model
 from lowbit.quant.linear_method import QuantLinearMethod, install
 from lowbit.quant.formats import QuantSpec
+from lowbit.quant.quantize import layer_linears
 
 from test_kernel_path import method_for
 
@@ -125,3 +126,82 @@ def test_norms_and_silu_quantize_for_the_fused_kernels(monkeypatch, recipe, toke
     assert all(la.attn_input == la.mlp_input == la.mlp.down_input == token_dtype for la in layers)
     assert calls == {"rmsnorm_quant": 2 * len(layers), "silu_mul_quant": len(layers)}
     assert testing.rel_err(got, want.double()) < 1e-5
+
+
+def _unfused(model, ids, positions, ctx):
+    """The decoder with each residual add its own op and each norm re-reading the sum (as before the
+    fusion, and as HF's layer); the norms quantize for the fused kernels where the model's do."""
+    x = model.model.embed_tokens(ids)
+    for layer in model.model.layers:
+        norm_in, _ = layer._norm(layer.input_layernorm, x, None, layer.attn_input)
+        x = x + layer.self_attn(positions, norm_in, ctx)
+        norm_in, _ = layer._norm(layer.post_attention_layernorm, x, None, layer.mlp_input)
+        x = x + layer.mlp(norm_in)
+    return model.model.norm(x)
+
+
+class _HiddenAdds(torch.overrides.TorchFunctionMode):
+    """Counts the adds whose result is `[T, hidden]` (a residual add's shape) made outside the norms."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count, self.in_norm = shape, 0, False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in ("add", "add_", "__add__", "__radd__", "__iadd__") and not self.in_norm \
+                and isinstance(out, torch.Tensor) and out.shape == self.shape:
+            self.count += 1
+        return out
+
+
+@pytest.mark.parametrize("recipe,dtype", [(None, torch.bfloat16), ("w8a8", torch.float32),
+                                          ("w4a8kv4", torch.float32)])
+def test_residual_adds_run_inside_the_norms(monkeypatch, recipe, dtype):
+    """vLLM's fused_add_rms_norm: each residual add happens inside the norm that reads the sum (rmsnorm,
+    or rmsnorm_quant where it quantizes for the fused kernels; the last layer's in the final norm): no
+    separate add is left, and the logits are bit-equal to the unfused computation's."""
+    import lowbit.layers.norm as norm
+    from lowbit.quant.recipes import RECIPES
+
+    model, _, cfg = load_random_model("tiny", dtype=dtype, recipe=recipe and RECIPES[recipe],
+                                      seed=int(testing.gen().initial_seed() % 2**31))
+    if recipe:
+        for layer in model.model.layers:
+            for lin in layer_linears(layer).values():
+                assert lin.quant_method.prepare_kernel()
+    model.fuse_projections()
+    layers = model.model.layers
+    assert all(la.attn_input == la.mlp_input == (recipe and torch.int8) for la in layers)
+    ids = torch.randint(0, cfg.vocab_size, (12,))
+    positions = torch.cat([torch.arange(7), torch.arange(5)])
+    ctx = AttentionContext.cacheless([7, 5], "cpu")
+    adds = _HiddenAdds(torch.Size([12, cfg.hidden_size]))
+    calls = {"with residual": 0, "without": 0}
+
+    def counted(f):
+        def wrapper(x, *a, **k):
+            residual = k.get("residual", a[2] if len(a) > 2 else None)
+            if x.shape[-1] == cfg.hidden_size:  # not q/k norms
+                calls["with residual" if residual is not None else "without"] += 1
+            adds.in_norm = True
+            try:
+                return f(x, *a, **k)
+            finally:
+                adds.in_norm = False
+        return wrapper
+
+    monkeypatch.setattr(norm, "rmsnorm", counted(norm.rmsnorm))
+    monkeypatch.setattr(norm, "rmsnorm_quant", counted(norm.rmsnorm_quant))
+    with torch.inference_mode():
+        with adds:
+            got = model.compute_logits(model(ids, positions, ctx))
+        assert calls == {"with residual": 2 * len(layers), "without": 1}  # the first norm has no residual yet
+        assert adds.count == 0
+        want = model.compute_logits(_unfused(model, ids, positions, ctx))
+        x = model.model.embed_tokens(ids)
+        with adds:
+            layers[0](positions, x, ctx)  # a layer on its own (calibration) adds its output to its input
+        assert adds.count == 1
+    assert torch.equal(got, want)

@@ -52,6 +52,49 @@ def test_rmsnorm_kernel_matches_the_reference(t, h):
     _mostly_equal(got, want, 1.5 * want.abs())
 
 
+def _with_residual(t, h, g, device="cpu"):
+    """x, a residual that is a strided view (a wider buffer's columns), a bf16 weight, and what the
+    residual add must give: the fp32 sum rounded to bf16, as torch's bf16 add rounds it."""
+    x = testing.randn((t, h), g) * 2
+    r = (testing.randn((t, h + 64), g) * 3)[:, :h]
+    w = (1 + 0.1 * testing.randn((h,), g, torch.float32)).to(torch.bfloat16)
+    return x.to(device), r.to(device), w.to(device), (x.float() + r.float()).to(torch.bfloat16)
+
+
+def _norm64(h, w, eps):
+    h = h.double()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+@pytest.mark.parametrize("t", [1, 3, 17])
+def test_rmsnorm_reference_adds_the_residual(t):
+    g = testing.gen()
+    x, r, w, h = _with_residual(t, 576, g)
+    out, new_r = reference.rmsnorm(x, w, 1e-6, r)
+    assert torch.equal(new_r, h) and new_r.dtype == torch.bfloat16
+    assert torch.equal(out, reference.rmsnorm(h, w, 1e-6))  # the norm of the sum, as HF computes it
+    assert testing.rel_err(out, _norm64(h, w, 1e-6)) < 2 * BF16_ULP
+    assert torch.equal(elementwise.rmsnorm(x, w, 1e-6, r)[1], h)  # the dispatch passes it on (the CPU: the reference)
+
+
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("t", [1, 3, 17])
+def test_rmsnorm_kernel_adds_the_residual(t):
+    g = testing.gen()
+    x, r, w, h = _with_residual(t, 576, g, DEV)  # 576: not a power of 2, a masked block
+    r_before = r.clone()
+    out, new_r = elementwise.rmsnorm_triton(x, w, 1e-5, r)
+    assert new_r.dtype == torch.bfloat16 and new_r.shape == out.shape == x.shape
+    assert torch.equal(new_r.cpu(), h)  # written out, rounded as torch's add
+    assert torch.equal(r, r_before)  # the old residual is left alone
+    want, want_r = reference.rmsnorm(x.cpu(), w.cpu(), 1e-5, r.cpu())
+    assert torch.equal(want_r, h)
+    _mostly_equal(out, want, 1.5 * want.abs())  # as test_rmsnorm_kernel_matches_the_reference
+    assert testing.rel_err(out, _norm64(h, w.cpu(), 1e-5)) < 2 * BF16_ULP
+    plain = elementwise.rmsnorm_triton(x, w, 1e-5)  # without one: the norm of x alone
+    assert testing.rel_err(plain, _norm64(x.cpu(), w.cpu(), 1e-5)) < 2 * BF16_ULP
+
+
 def _qk(t, hq, hk, d, g, device="cpu"):
     """q and k as the strided views of one fused q/k/v output that the model hands over."""
     qkv = testing.randn((t, (hq + 2 * hk) * d), g).to(device)

@@ -7,7 +7,7 @@
 | `w4a16` | `w4a16_gemm`: int4 groups x bf16 (from 128 tokens: `w4a16_dequantize`, then cuBLAS) | `prepare_w4a16` |
 | `w4a4` | `w4a4_gemm`: int4 groups x int4 groups + int8 outliers (Atom) | `prepare_w4a4` |
 | `actquant` | `rmsnorm_quant`, `silu_mul_quant`, `quant_per_token` -> int8 / fp8 per token; `group_quant` -> W4A4's int4 groups and int8 outliers | - |
-| `elementwise` | `rmsnorm`, `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
+| `elementwise` | `rmsnorm` (optionally after the residual add), `rotary` (in place), `silu_mul` for 16-bit activations, rounded as Hugging Face's ops | - |
 | `paged_attention` | `kv_cache_write` (with its echo), `paged_decode_attention` over int8 / int4 KV blocks (int4: V packed along the tokens, a transposed kernel) | - |
 | `sampling` | `race_sample`: a batch's categorical draws (exponential race, hashed noise) in one pass over the logits | - |
 | `kv_gather` | `gather_kv`: several sequences' cached K/V (any layout above) as packed rows of values, for flash attention over a cached context | - |

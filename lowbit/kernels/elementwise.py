@@ -7,7 +7,8 @@ activations. These
 kernels read and write them once and round where HF's ops round, so they give HF's values: the norm
 rounds the normalized row to the input's dtype before the weight multiplies it; the rotary
 embedding rounds cos and sin to the activations' dtype, then each product and the sum; SiLU-and-mul
-rounds SiLU(gate), then the product. fp32 tensors and CPU tensors take the torch references
+rounds SiLU(gate), then the product. The norm can also add the residual before it (the decoder's
+residual add, rounded as torch's add). fp32 tensors and CPU tensors take the torch references
 (`reference.rmsnorm`, `reference.rotary`, `reference.silu_mul`).
 """
 from __future__ import annotations
@@ -22,14 +23,18 @@ def _kernel_dtype(x: torch.Tensor) -> bool:
     return use_triton(x) and x.dtype in (torch.bfloat16, torch.float16)
 
 
-def rmsnorm_triton(x, weight, eps):
+def rmsnorm_triton(x, weight, eps, residual=None):
     h = x.shape[-1]
     x2 = x.reshape(-1, h)
     out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    r2 = x2 if residual is None else residual.reshape(-1, h)
+    r_out = x2 if residual is None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
     block = triton.next_power_of_2(h)
-    _rmsnorm_kernel[(x2.shape[0],)](x2, weight, out, h, eps, x2.stride(0), BLOCK=block,
+    _rmsnorm_kernel[(x2.shape[0],)](x2, r2, r_out, weight, out, h, eps, x2.stride(0), r2.stride(0),
+                                    RESID=residual is not None, BLOCK=block,
                                     num_warps=min(16, max(4, block // 1024)))
-    return out.view(*x.shape[:-1], h)
+    out = out.view(*x.shape[:-1], h)
+    return out if residual is None else (out, r_out.view(*x.shape[:-1], h))
 
 
 def rotary_triton(positions, q, k, inv_freq):
@@ -55,11 +60,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_mul(x)
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`weight * (x / rms(x))` over the last dim, as HF's LlamaRMSNorm computes it."""
-    if _kernel_dtype(x) and x.stride(-1) == 1:
-        return rmsnorm_triton(x, weight, eps)
-    return reference.rmsnorm(x, weight, eps)
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """`weight * (x / rms(x))` over the last dim, as HF's LlamaRMSNorm computes it. With a residual
+    (vLLM's fused_add_rms_norm), the norm of h = x + residual (rounded to x's dtype) in the same pass,
+    so the decoder's residual add costs no kernel of its own -> (out, h), h the next residual."""
+    if _kernel_dtype(x) and x.stride(-1) == 1 and (
+            residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1)):
+        return rmsnorm_triton(x, weight, eps, residual)
+    return reference.rmsnorm(x, weight, eps, residual)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor):
@@ -72,11 +80,16 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, inv_freq: 
 
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, H, eps, stride_x, BLOCK: tl.constexpr):
+def _rmsnorm_kernel(x_ptr, r_ptr, ro_ptr, w_ptr, o_ptr, H, eps, stride_x, stride_r, RESID: tl.constexpr,
+                    BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < H
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if RESID:  # h = x + residual, rounded as torch's add rounds; written out as the next residual
+        r = tl.load(r_ptr + row * stride_r + offs, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(ro_ptr + row * H + offs, x, mask=ok)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / H + eps)
     y = (xf * rstd).to(x.dtype).to(tl.float32)  # HF: normalized in fp32, back to the input's dtype

@@ -56,11 +56,15 @@ def w4a4_gemm(x4: torch.Tensor, xs4: torch.Tensor, x8: torch.Tensor, xs8: torch.
     return out.to(torch.bfloat16)
 
 
-def rmsnorm(x, weight, eps):
-    """Hugging Face's LlamaRMSNorm: normalized in fp32, rounded to x's dtype, times the weight."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+def rmsnorm(x, weight, eps, residual=None):
+    """Hugging Face's LlamaRMSNorm: normalized in fp32, rounded to x's dtype, times the weight.
+    With a residual, the norm of h = x + residual (rounded to x's dtype, as the model's add was),
+    -> (out, h)."""
+    h = x if residual is None else (x + residual).to(x.dtype)
+    hf = h.float()
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * hf.to(x.dtype)
+    return out if residual is None else (out, h)
 
 
 def silu_mul(x):

@@ -78,12 +78,26 @@ class LlamaDecoderLayer(nn.Module):
         # per-token codes the fused qkv / gate_up kernels read: the norms quantize in one pass (fuse_projections)
         self.attn_input = self.mlp_input = None
 
-    def _norm(self, norm: RMSNorm, x: torch.Tensor, token_dtype):
-        return norm(x) if token_dtype is None else norm.quantized(x, token_dtype)
+    @staticmethod
+    def _norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None, token_dtype):
+        """-> (the norm of x + residual, x + residual); no residual: (norm(x), x)."""
+        out = norm(x, residual) if token_dtype is None else norm.quantized(x, token_dtype, residual)
+        return (out, x) if residual is None else out
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(positions, self._norm(self.input_layernorm, x, self.attn_input), ctx)
-        return x + self.mlp(self._norm(self.post_attention_layernorm, x, self.mlp_input))
+        """The layer on its own, x -> its output (calibration runs layers one at a time)."""
+        out, residual = self.forward_residual(positions, x, None, ctx)
+        return residual + out
+
+    def forward_residual(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                         ctx: AttentionContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's chaining: x is the previous layer's MLP output, not yet added to the residual stream
+        `residual` (None: x is the stream, the embeddings); -> (this MLP's output, the stream before it).
+        Each residual add runs inside the norm that reads the sum (one kernel, one read)."""
+        h, residual = self._norm(self.input_layernorm, x, residual, self.attn_input)
+        h, residual = self._norm(self.post_attention_layernorm, self.self_attn(positions, h, ctx), residual,
+                                 self.mlp_input)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -94,10 +108,10 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x = layer(positions, x, ctx)
-        return self.norm(x)
+            x, residual = layer.forward_residual(positions, x, residual, ctx)
+        return self.norm(x, residual)[0]
 
 
 def _token_dtype(linear: Linear | None) -> torch.dtype | None:
