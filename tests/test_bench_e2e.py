@@ -36,6 +36,8 @@ def test_sweep_writes_rows_and_rerenders(tmp_path, capsys):
     assert (ours["num_requests"], ours["output_tokens"], ours["prompt_tokens"]) == (3, 24, 48)
     assert ours["seqs_in_cache"] > 3 and ours["engine"]["max_num_seqs"] == 2048 and ours["env"]["torch"]
     assert rows["tiny__hf__16x8.json"]["output_tokens"] == 16
+    # the clocks each figure ran at: none to read on the CPU
+    assert all(r["gpu_clocks"] == {"available": False, "error": "not a CUDA device"} for r in rows.values())
     table = capsys.readouterr().out.split("\n\n", 1)[1]
     assert "| tiny | 16/8 | `w4a8kv4` | 3 |" in table and "HF transformers (float32)" in table
     assert "| tiny | 16/8 | `bf16` | 3 |" in table and "1.00x" in table
@@ -94,6 +96,7 @@ def test_table_names_the_allocator_settings_of_its_rows():
 
     saved = Path(__file__).parents[1] / "results/bench/e2e-h200-echo/llama3-8b__w4a8kv4__1024x512.json"
     row = json.loads(saved.read_text())
+    assert "gpu_clocks" not in row  # a row from before the GPU monitor still renders
     assert "PYTORCH_CUDA_ALLOC_CONF" not in e2e.render([row])
     row["env"]["alloc_conf"] = "expandable_segments:True"
     assert "PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True." in e2e.render([row])

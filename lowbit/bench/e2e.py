@@ -11,7 +11,8 @@ model once, on the device, runs its workloads in order and frees the model; list
 most first. Each workload sends enough requests to fill the KV cache `--fill` times over (capped by
 `--max-prompts`), vLLM's max-throughput setting: temperature 1, end-of-sequence ignored, every request
 exactly IN prompt and OUT output tokens. A workload stops at `--config-time-s` (its row then says
-"capped") and the sweep at `--budget-s`: what finished is on disk either way.
+"capped") and the sweep at `--budget-s`: what finished is on disk either way. Each row also holds the
+GPU's clocks, power and clock-event reasons sampled over its timed run (`gpu_clocks`, see `gpu_monitor`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.bench.gpu_monitor import GpuMonitor, nvml_id
 from lowbit.errors import LowbitError
 
 HF = "hf"
@@ -83,6 +85,7 @@ class Sweep:
 
         self.args = args
         self.device = resolve_device(args.device)
+        self.gpu = nvml_id(self.device)
         self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         self.env = environment(self.device)
         self.deadline = time.monotonic() + args.budget_s
@@ -126,6 +129,12 @@ class Sweep:
             self._write(arch, recipe, input_len, output_len, row)
             _free()
 
+    def _monitored(self, measure, *args, **kwargs) -> dict:
+        """`measure`'s result with the GPU's clocks over it: a throughput figure says what clocks it ran at."""
+        with GpuMonitor(self.gpu) as monitor:
+            result = measure(*args, **kwargs)
+        return dict(result, gpu_clocks=monitor.summary())
+
     def _requests(self, arch: str, num: int, input_len: int, output_len: int):
         """Random prompts, from a new seed each time: no prefix of one set is cached from another."""
         from lowbit.bench.throughput import random_requests
@@ -155,7 +164,8 @@ class Sweep:
             fits = blocks // math.ceil((input_len + output_len) / cfg.block_size)
             num = max(1, min(a.max_prompts, math.ceil(a.fill * fits)))
             requests = self._requests(arch, num, input_len, output_len)
-            result = throughput.run(llm, requests, time_limit_s=time_limit_s, desc=f"{recipe} {input_len}/{output_len}")
+            result = self._monitored(throughput.run, llm, requests, time_limit_s=time_limit_s,
+                                     desc=f"{recipe} {input_len}/{output_len}")
             return dict(result, num_prompts=num, seqs_in_cache=fits, time_limit_s=round(time_limit_s, 1),
                         engine=engine)
 
@@ -174,7 +184,8 @@ class Sweep:
         def run(input_len: int, output_len: int, time_limit_s: float) -> dict:
             num = batch * a.hf_batches
             requests = self._requests(arch, num, input_len, output_len)
-            result = hf_generate.run(model, requests, batch, time_limit_s, desc=f"hf {input_len}/{output_len}")
+            result = self._monitored(hf_generate.run, model, requests, batch, time_limit_s,
+                                     desc=f"hf {input_len}/{output_len}")
             return dict(result, num_prompts=num, time_limit_s=round(time_limit_s, 1), engine={"batch_size": batch})
 
         return run

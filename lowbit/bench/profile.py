@@ -8,7 +8,9 @@ over a few steps of each kind, the host functions (cProfile) of a few unsynchron
 every operation that made the host wait for the GPU inside one step of each kind (torch's sync
 debug mode: a step should have exactly one, the read-back of its tokens), the caching allocator's
 calls into the driver per step (a cudaFree synchronizes the device; the sync debug mode does not
-see it) and where they come from. The synchronization costs a little overlap, so these are shares of a
+see it) and where they come from; then the GPU's clocks, power and clock-event ("throttle") reasons
+sampled during the forwards of each kind and during the traced steps (`gpu_monitor`), which tell a
+power- or heat-capped clock from idle gaps. The synchronization costs a little overlap, so these are shares of a
 step, not a throughput figure (that is `e2e`'s job). The loop runs synchronously (no asynchronous
 scheduling), so the host phases are the costs that asynchronous scheduling overlaps with the device.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 PHASES = ("schedule", "host_batch", "forward", "sample", "update")
 RUNNER_PHASES = ("host_batch", "sample")  # engine.model_runner functions timed as phases of a step
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lowbit.api import LLM
+    from lowbit.bench import gpu_monitor
     from lowbit.bench.throughput import random_requests
     from lowbit.engine import model_runner
     from lowbit.models.random_weights import random_config
@@ -222,40 +225,46 @@ def main(argv: list[str] | None = None) -> int:
         timer.wrap(model_runner, attr, attr)
     runner = engine.runner
     launch = runner.launch
+    monitor = gpu_monitor.GpuMonitor(gpu_monitor.nvml_id(timer.device))
 
     def classified(batch):
         decode = all(item.num_tokens == 1 for item in batch)
         timer.kind = f"decode b{len(batch) // 64 * 64}-{len(batch) // 64 * 64 + 63}" if decode else "mixed/prefill"
-        with timer.phase("forward"):  # minus the nested phases, below
+        mark = monitor.mark(timer.kind) if timer.enabled else nullcontext()  # a traced step has its own
+        with mark, timer.phase("forward"):  # the mark spans the phase's closing sync; minus the nested phases, below
             return launch(batch)
 
     runner.launch = classified
     submit(a.num_prompts, a.input_len, a.output_len, 2)
     start, traced = time.perf_counter(), defaultdict(int)
     prof = a.device != "cpu"
-    while engine.has_unfinished_requests() and time.perf_counter() - start < a.time_limit_s:
-        t0 = time.perf_counter()
-        batch_kind = None
-        if prof:
-            pending = engine.scheduler
-            decode_now = bool(pending.running) and not pending.waiting and all(
-                s.num_uncomputed == 1 for s in pending.running)
-            batch_kind = "decode" if decode_now else "mixed"
-        trace = prof and traced[batch_kind] < a.trace_steps and time.perf_counter() - start > 2
-        if trace:
-            traced[batch_kind] += 1
-            timer.enabled = False
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+    with monitor:
+        while engine.has_unfinished_requests() and time.perf_counter() - start < a.time_limit_s:
+            t0 = time.perf_counter()
+            batch_kind = None
+            if prof:
+                pending = engine.scheduler
+                decode_now = bool(pending.running) and not pending.waiting and all(
+                    s.num_uncomputed == 1 for s in pending.running)
+                batch_kind = "decode" if decode_now else "mixed"
+            trace = prof and traced[batch_kind] < a.trace_steps and time.perf_counter() - start > 2
+            if trace:
+                traced[batch_kind] += 1
+                timer.enabled = False
+                m0 = monitor.clock()
+                with monitor.mark(f"traced {batch_kind}"), \
+                        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
+                    engine.step()
+                timer.enabled = True
+                print(f"\n## kernels, one {batch_kind} step ({1e3 * (time.perf_counter() - t0):.1f} ms wall; "
+                      f"{gpu_monitor.brief(monitor.during(m0, monitor.clock()))})")
+                print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+                continue
+            before = allocator_counts(timer.device)
+            with timer.phase("update"):
                 engine.step()
-            timer.enabled = True
-            print(f"\n## kernels, one {batch_kind} step ({1e3 * (time.perf_counter() - t0):.1f} ms wall)")
-            print(p.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-            continue
-        before = allocator_counts(timer.device)
-        with timer.phase("update"):
-            engine.step()
-        timer.count_allocs(before, allocator_counts(timer.device))
-        timer.end_step()
+            timer.count_allocs(before, allocator_counts(timer.device))
+            timer.end_step()
     timer.enabled = False  # the phases' syncs would be counted as waits
     if prof and engine.has_unfinished_requests():
         waits = host_waits(engine.step)
@@ -285,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     if prof:
         print("\n## the caching allocator's calls into the driver, mean per step\n")
         print(timer.alloc_table())
+        print(f"\n## GPU clocks and power per step kind (sampled every {1e3 * monitor.interval_s:.0f} ms during "
+              "the forwards of the timed steps; traced: whole steps under torch.profiler)\n")
+        print(gpu_monitor.table(monitor.summary(), all_label="whole timed run"))
     return 0
 
 
