@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 12, call 2 (run from the repository root; $1: the commit): end-to-end throughput, Llama-3-8B shapes,
+# Call 2 (run from the repository root; $1: the commit): end-to-end throughput, Llama-3-8B shapes,
 # 1024 in / 512 out, w4a8kv4 (KV4 decode on the transposed kernel) then bf16 on the same machine.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
