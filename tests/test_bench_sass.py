@@ -41,10 +41,10 @@ def test_kv4_decode_compiles_for_hopper_without_spills():
     (row,) = json.loads(out.stdout)
     assert row["kernel"] == "decode-kv4" and row["mix"].get("HMMA", 0) > 0  # fp16 MMAs on the tensor cores
     assert row["spills"] == 0 and "LDL" not in row["mix"]
-    assert row["bytes_per_iter"] == 64 * 2 * (64 + 8)  # 64 tokens of int4 K and V (+ scale, zero), one head
-    # both code tiles arrive by cp.async (the loop's only synchronous loads are the block table's: 2)
-    # and widen in registers as the MMAs' A operands (token-packed V needs no transpose): 8 bytes per warp
-    # instruction, where the 4-warp kernel over a V packed along head_dim had 4.9
+    assert row["bytes_per_iter"] == 64 * 2 * (64 + 4)  # 64 tokens of int4 K and V (+ fp16 scale, zero), one head
+    # both code tiles and the (scale, zero) words arrive by cp.async (at most the block table's 2 loads
+    # synchronous) and widen in registers as the MMAs' A operands (token-packed V needs no transpose):
+    # 7.8 bytes per warp instruction, where the 4-warp kernel over a V packed along head_dim had 4.9
     assert "LDGSTS" in row["mix"] and row["mix"].get("LDG", 0) <= 2 and row["bytes_per_warp_instruction"] > 7
 
 
@@ -74,7 +74,7 @@ def test_decode_config_changes():
     assert capped.name == "decode-kv4-maxnreg96" and "decode-kv4" in presets()
     p = _decode_preset(4, **{**dict(capped.changes), **_int_fields(["block_n=32", "num_warps=1"])})
     assert (p.constexprs["BN"], p.num_warps, p.maxnreg) == (32, 1, 96)
-    assert p.bytes_per_iter == 32 * 2 * (64 + 8)
+    assert p.bytes_per_iter == 32 * 2 * (64 + 4)
     for bad in (["bogus=1"], ["block_n=x"], ["block_n"]):
         with pytest.raises(LowbitError, match="FIELD=INT"):
             _int_fields(bad)

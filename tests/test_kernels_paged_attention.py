@@ -186,6 +186,31 @@ def test_cache_layout_is_head_major():
     assert torch.equal(k.reshape(-1)[((2 * HKV + 1) * BS + 6) * 64:][:64], key[1, 1])
 
 
+@pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_write_kernel_codes_use_the_fp16_scale(bits):
+    """Rows of range [0, 1], by hand: the scale the kernel stores is fp16(1 / qmax), and the codes are
+    taken with it (0.9665 in 4 bits: code 15 with fp16(1/15) = 0.066650390625, 14 with fp32's 1/15;
+    0.99803 in 8 bits: 254.5015 with fp16(1/255), 254.4976 with fp32's: 255 against 254)."""
+    g = testing.gen()
+    d = 64
+    caches = [c.to(DEV) if c is not None else None for c in _empty_cache(2, d, bits, g)]
+    x = torch.zeros(2, HKV, d)
+    x[..., 1] = 1.0
+    x[..., 2] = 0.9665 if bits == 4 else 0.99803
+    kv_cache_write_triton(x.to(DEV), x.to(DEV), *caches, torch.tensor([3, 4], device=DEV))
+    qmax = (1 << bits) - 1
+    s16 = torch.tensor(1.0 / qmax).half().float()
+    for cache, sz, packed in ((caches[0], caches[2], False), (caches[1], caches[3], bits == 4)):
+        slots = torch.tensor([3, 4], device=DEV)
+        got = reference.codes_at(cache, slots, packed).cpu()
+        got = unpack_int4(got, d, signed=False) if got.shape[-1] != d else got
+        assert torch.equal(got[..., :3].long(), torch.tensor([0, qmax, qmax]).expand(2, HKV, 3))
+        pairs = sz[reference.at_slots(sz, slots)].cpu()
+        assert pairs.dtype == torch.float16 and torch.equal(pairs.float(), torch.stack(
+            (s16.expand(2, HKV), torch.zeros(2, HKV)), -1))
+
+
 def test_int4_v_layout_packs_tokens():
     """int4 V, by hand: slot 37 (block 2, offset 5) is the high nibble of byte 2 of each dim's run,
     slot 36 the low one; a dim's 8 bytes are the block's 16 tokens, the next dim's follow."""

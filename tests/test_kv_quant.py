@@ -19,6 +19,14 @@ def test_int4_by_hand():
     assert dequantize_kv(codes, scale, zero, bits=4).tolist() == [[[-1.5, 2.25, 0.0, 0.5]]]
 
 
+def test_scales_are_fp16_values_and_codes_use_them():
+    """Range [0, 1] in 4 bits: the scale is fp16(1 / 15) = 0.066650390625, not fp32's 0.0666666...,
+    and 0.9665 / 0.066650390625 = 14.501 takes code 15 (0.9665 / fp32's scale = 14.4975 would take 14)."""
+    codes, scale, zero = quantize_kv(torch.tensor([[0.0, 1.0, 0.9665, 0.5]]), bits=4)
+    assert scale.tolist() == [0.066650390625] and zero.tolist() == [0]
+    assert codes.tolist() == [[0xF0, 0x8F]]  # codes 0, 15, 15, 8 (0.5 / s = 7.502)
+
+
 def test_int8_and_fp8_by_hand():
     codes, scale, zero = quantize_kv(torch.tensor([[-0.5, 1.5]]), bits=8)
     assert codes.dtype == torch.uint8 and codes.tolist() == [[0, 255]] and zero.tolist() == [64]

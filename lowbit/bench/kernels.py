@@ -290,7 +290,7 @@ def bench_attention(model: str, batch: int, ctx: int, roofs: dict, sweep: bool) 
     m = MODELS[model]
     hq, hkv, d = m["heads"], m["kv_heads"], m["head_dim"]
     rows = []
-    per_token = {"KV8 paged": 2 * hkv * (d + 8), "KV4 paged": 2 * hkv * (d // 2 + 8), "SDPA bf16": 2 * hkv * d * 2,
+    per_token = {"KV8 paged": 2 * hkv * (d + 4), "KV4 paged": 2 * hkv * (d // 2 + 4), "SDPA bf16": 2 * hkv * d * 2,
                  "bf16 paged": 2 * hkv * d * 2}
     # bf16 paged: our kernel over a 16-bit cache, the decode path of the bf16 and fp8 recipes
     builders = {"bf16 paged": lambda: paged_decode_case(model, batch, ctx, 16),

@@ -57,12 +57,12 @@ def _decode_preset(bits: int, **config) -> Preset:
     cfg = dataclasses.replace(default_decode_config(bits), **config)
     maxnreg = config.get("maxnreg")
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
-    sz = "*fp32" if bits != 16 else "*bf16"
+    sz = "*i32" if bits != 16 else "*bf16"  # (scale, zero) fp16 pairs read as 32-bit words
     types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
                  o_ptr="*bf16", po_ptr="*fp32", plse_ptr="*fp32", sm_scale="fp32", stride_qb="i32",
                  stride_qh="i32", stride_bt="i32", per_split="i32")
     d = 128
-    per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))  # K and V codes (+ scale, zero) of one head
+    per_token = 2 * (d * bits // 8 + (4 if bits != 16 else 0))  # K and V codes (+ fp16 scale, zero) of one head
     name = (f"decode-kv{bits}" if bits != 16 else "decode-bf16") + (f"-maxnreg{maxnreg}" if maxnreg else "")
     name += "".join(f" {k}={v}" for k, v in config.items() if k != "maxnreg")
     kernel, constexprs = "_paged_decode_kernel", dict(HKV=8, GQ=4, D=d, BS=16, BITS=bits, BH=16, BN=cfg.block_n,
@@ -83,12 +83,12 @@ def _prefill_preset(bits: int) -> Preset:
 
     cfg = PrefillConfig()
     cache = {16: "*bf16", 8: "*u8", 4: "*u8"}[bits]
-    sz = "*fp32" if bits != 16 else "*bf16"
+    sz = "*i32" if bits != 16 else "*bf16"  # (scale, zero) fp16 pairs read as 32-bit words
     types = dict(q_ptr="*bf16", kc_ptr=cache, vc_ptr=cache, ksz_ptr=sz, vsz_ptr=sz, bt_ptr="*i32", sl_ptr="*i32",
                  cu_ptr="*i32", seqs_ptr="*i32", o_ptr="*bf16", sm_scale="fp32", stride_qt="i32", stride_qh="i32",
                  stride_ot="i32", stride_oh="i32", stride_bt="i32")
     d, gq = 128, 4
-    per_token = 2 * (d * bits // 8 + (8 if bits != 16 else 0))
+    per_token = 2 * (d * bits // 8 + (4 if bits != 16 else 0))
     return Preset("prefill-" + (f"kv{bits}" if bits != 16 else "bf16"),
                   "lowbit.kernels.paged_prefill:_paged_prefill_kernel", types,
                   dict(HKV=8, GQ=gq, GP=gq, D=d, BS=16, BITS=bits, BMT=cfg.block_m // gq, BN=cfg.block_n, ASM=True),

@@ -92,8 +92,8 @@ class PagedKVCache:
 class KernelKVCache(PagedKVCache):
     """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
     `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]` (int4's V packed along the tokens instead:
-    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`), fp32 (scale, zero) pairs
-    `[num_blocks, n_kv_heads, block_size, 2]`. Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
+    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`), fp16 (scale, zero) pairs
+    `[num_blocks, n_kv_heads, block_size, 2]` (the kernels read a pair as one 32-bit word). Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype
@@ -102,7 +102,7 @@ class KernelKVCache(PagedKVCache):
         self.v_tokens_packed = spec.bits == 4
         v_shape = (num_blocks, num_kv_heads, head_dim, block_size // 2) if self.v_tokens_packed else self.k.shape
         self.v = torch.zeros(v_shape, dtype=torch.uint8, device=device)
-        self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float32, device=device) for _ in range(2))
+        self.k_sz, self.v_sz = (torch.zeros(*shape, 2, dtype=torch.float16, device=device) for _ in range(2))
 
     @property
     def decode_kernel(self) -> bool:
@@ -116,7 +116,7 @@ class KernelKVCache(PagedKVCache):
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
-        return 2 * num_kv_heads * (head_dim * spec.bits // 8 + 8)  # codes, fp32 scale and zero
+        return 2 * num_kv_heads * (head_dim * spec.bits // 8 + 4)  # codes, fp16 scale and zero
 
 
 class QuantizedPagedKVCache(PagedKVCache):
@@ -127,8 +127,9 @@ class QuantizedPagedKVCache(PagedKVCache):
         slots = num_blocks * block_size
         probe = torch.zeros(1, num_kv_heads, head_dim, device=device)
         codes, scale, zero = quantize_kv(probe, spec.bits, spec.group_size, spec.fp8)
-        self.parts = {
-            name: [torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=device) for _ in range(2)]
+        self.parts = {  # scales in fp16: the values quant/kv.py makes
+            name: [torch.zeros((slots, *t.shape[1:]), dtype=torch.float16 if name == "scale" else t.dtype,
+                               device=device) for _ in range(2)]
             for name, t in (("codes", codes), ("scale", scale), ("zero", zero)) if t is not None
         }
 
@@ -144,7 +145,7 @@ class QuantizedPagedKVCache(PagedKVCache):
             codes, scale, zero = quantize_kv(x, self.spec.bits, self.spec.group_size, self.spec.fp8)
             for name, t in (("codes", codes), ("scale", scale), ("zero", zero)):
                 if t is not None:
-                    self.parts[name][i][slots] = t[keep]  # index_copy_ has no fp8 on the CPU
+                    self.parts[name][i][slots] = t[keep].to(self.parts[name][i].dtype)  # index_copy_: no CPU fp8
             if echo:
                 held.append(dequantize_kv(codes, scale, zero, self.spec.bits, self.spec.group_size,
                                           self.spec.fp8, self.dtype))
@@ -154,7 +155,7 @@ class QuantizedPagedKVCache(PagedKVCache):
         out = []
         for i in range(2):
             zero = self.parts["zero"][i][slots] if "zero" in self.parts else None
-            out.append(dequantize_kv(self.parts["codes"][i][slots], self.parts["scale"][i][slots], zero,
+            out.append(dequantize_kv(self.parts["codes"][i][slots], self.parts["scale"][i][slots].float(), zero,
                                      self.spec.bits, self.spec.group_size, self.spec.fp8, self.dtype))
         return out[0], out[1]
 
@@ -162,7 +163,7 @@ class QuantizedPagedKVCache(PagedKVCache):
     def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:
         groups = 1 if spec.group_size is None else head_dim // spec.group_size
         code_bytes = head_dim * spec.bits // 8
-        return 2 * num_kv_heads * (code_bytes + groups * (4 + (0 if spec.fp8 else 1)))
+        return 2 * num_kv_heads * (code_bytes + groups * (2 + (0 if spec.fp8 else 1)))
 
 
 def kv_cache_class(spec, head_dim: int, block_size: int) -> type[PagedKVCache]:

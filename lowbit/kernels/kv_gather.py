@@ -15,7 +15,7 @@ import torch
 
 from lowbit.kernels import reference
 from lowbit.kernels.common import cdiv, tl, triton, use_triton
-from lowbit.kernels.paged_attention import kv_bits
+from lowbit.kernels.paged_attention import _scale_zero, kv_bits, sz_words
 
 TOKENS_PER_PROGRAM = 32
 
@@ -30,7 +30,7 @@ def gather_kv_triton(k_cache, v_cache, k_sz, v_sz, block_tables, seqs, cu_k, max
     grid = (cdiv(max_k, TOKENS_PER_PROGRAM), seqs.numel(), hkv)
     for cache, sz, rows, packed in ((k_cache, k_sz, out[0], False),
                                     (v_cache, v_sz, out[1], reference.v_tokens_packed(k_cache, d))):
-        _gather_kernel[grid](cache, sz, block_tables, seqs, cu_k, rows, block_tables.stride(0), HKV=hkv, D=d, BS=bs,
+        _gather_kernel[grid](cache, sz_words(sz), block_tables, seqs, cu_k, rows, block_tables.stride(0), HKV=hkv, D=d, BS=bs,
                              BITS=bits, TOKENS_PACKED=packed, BT=TOKENS_PER_PROGRAM, num_warps=4)
     return out[0], out[1]
 
@@ -74,8 +74,7 @@ def _gather_kernel(cache_ptr, sz_ptr, bt_ptr, seqs_ptr, cu_ptr, out_ptr, stride_
             c = (byte >> (4 * (offs_d % 2)).to(tl.uint8)[None, :]) & 15
         else:
             c = tl.load(cache_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0)
-        scale = tl.load(sz_ptr + row * 2, mask=ok, other=0.0)[:, None]
-        zero = tl.load(sz_ptr + row * 2 + 1, mask=ok, other=0.0)[:, None]
-        x = (c.to(tl.float32) - zero) * scale
+        scale, zero = _scale_zero(sz_ptr, row, ok)
+        x = (c.to(tl.float32) - zero[:, None]) * scale[:, None]
     tl.store(out_ptr + ((first + t) * HKV + h)[:, None].to(tl.int64) * D + offs_d[None, :],
              x.to(out_ptr.dtype.element_ty), mask=ok[:, None])

@@ -22,8 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowbit.kernels.common import cdiv, tl, triton
-from lowbit.kernels.paged_attention import (_code_scores, _code_values, _codes_fp16, _pair_tiles, _step_rows,
-                                            kv_bits)
+from lowbit.kernels.paged_attention import (_code_scores, _code_values, _codes_fp16, _pair_tiles, _scale_zero,
+                                            _step_rows, kv_bits, sz_words)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def paged_prefill_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables
     bmt = max(1, cfg.block_m // gp)  # new tokens per program
     grid = (cdiv(max_q_len, bmt), hkv, seqs.numel())
     _paged_prefill_kernel[grid](
-        q, k_cache, v_cache, k_sz, v_sz, block_tables, seq_lens, cu_seqlens_q, seqs, out, scale,
+        q, k_cache, v_cache, sz_words(k_sz), sz_words(v_sz), block_tables, seq_lens, cu_seqlens_q, seqs, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         HKV=hkv, GQ=hq // hkv, GP=gp, D=d, BS=bs, BITS=kv_bits(k_cache, d), BMT=bmt, BN=cfg.block_n,
         ASM=q.is_cuda, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -110,9 +110,8 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
             if BITS == 16:
                 scores = tl.dot(qa, tl.trans(kc)) * qk_scale
             else:
-                k_s = tl.load(ksz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
-                k_z = tl.load(ksz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[None, :]
-                scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s, k_z, qk_scale, BITS, ASM)
+                k_s, k_z = _scale_zero(ksz_ptr, krow, t_ok)
+                scores = _code_scores(minus_q1024, qa, qb, qsum, kc, k_s[None, :], k_z[None, :], qk_scale, BITS, ASM)
             scores = tl.where(t_ok[None, :] & (offs_t[None, :] <= pos[:, None]), scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every row sees position 0 in the first tile
             alpha = tl.math.exp2(m_i - m_new)
@@ -124,9 +123,8 @@ def _paged_prefill_kernel(q_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, bt_ptr, sl_pt
                 acc = acc * alpha[:, None] + tl.dot(p.to(vc.dtype), vc)
             elif BITS == 8:
                 vc = tl.load(vc_ptr + krow[:, None] * D + offs_d[None, :], mask=t_ok[:, None], other=0)
-                v_s = tl.load(vsz_ptr + krow * 2, mask=t_ok, other=0.0)[None, :]
-                v_z = tl.load(vsz_ptr + krow * 2 + 1, mask=t_ok, other=0.0)[:, None]
-                acc = _code_values(p, alpha, acc, vc, v_s, v_z, ASM)
+                v_s, v_z = _scale_zero(vsz_ptr, krow, t_ok)
+                acc = _code_values(p, alpha, acc, vc, v_s[None, :], v_z[:, None], ASM)
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_rows = o_ptr + (q0 + tok[:, None]).to(tl.int64) * stride_ot + (kvh * GQ + g[:, None]) * stride_oh
     tl.store(o_rows + offs_d[None, :], (acc * inv_l).to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -144,10 +142,10 @@ def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr
     ok_e = tok < end
     ok_o = tok + 1 < end
     row, kc_e, kc_o, vt = _pair_tiles(bt_row, kc_ptr, vc_ptr, kvh, k0, end, HKV, D, BS, BN)
-    sc_e = _code_scores(raw_init, qa, qb, qsum, kc_e, tl.load(ksz_ptr + row * 2, mask=ok_e, other=0.0)[None, :],
-                        tl.load(ksz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :], qk_scale, 4, ASM)
-    sc_o = _code_scores(raw_init, qa, qb, qsum, kc_o, tl.load(ksz_ptr + row * 2 + 2, mask=ok_o, other=0.0)[None, :],
-                        tl.load(ksz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :], qk_scale, 4, ASM)
+    ks_e, kz_e = _scale_zero(ksz_ptr, row, ok_e)
+    ks_o, kz_o = _scale_zero(ksz_ptr, row + 1, ok_o)
+    sc_e = _code_scores(raw_init, qa, qb, qsum, kc_e, ks_e[None, :], kz_e[None, :], qk_scale, 4, ASM)
+    sc_o = _code_scores(raw_init, qa, qb, qsum, kc_o, ks_o[None, :], kz_o[None, :], qk_scale, 4, ASM)
     sc_e = tl.where(ok_e[None, :] & (tok[None, :] <= pos[:, None]), sc_e, float("-inf"))
     sc_o = tl.where(ok_o[None, :] & (tok[None, :] + 1 <= pos[:, None]), sc_o, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(tl.maximum(sc_e, sc_o), 1))  # finite: every row sees position 0
@@ -156,11 +154,11 @@ def _token_pairs_step(m_i, l_i, acc, raw_init, qa, qb, qsum, pos, kc_ptr, vc_ptr
     p_o = tl.math.exp2(sc_o - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p_e + p_o, 1)
     v_e, v_o = _codes_fp16(vt, 4, ASM, False)  # [D, NP]: 1024 + c (even tokens), 1024 + 16 c (odd)
-    z_e = tl.load(vsz_ptr + row * 2 + 1, mask=ok_e, other=0.0)[None, :]
-    z_o = tl.load(vsz_ptr + row * 2 + 3, mask=ok_o, other=0.0)[None, :]
-    v_e = v_e - (z_e + 1024.0).to(tl.float16)
-    v_o = ((v_o - (16.0 * z_o + 1024.0).to(tl.float16)) * 0.0625).to(tl.float16)
-    pv_e = (p_e * tl.load(vsz_ptr + row * 2, mask=ok_e, other=0.0)[None, :]).to(tl.float16)
-    pv_o = (p_o * tl.load(vsz_ptr + row * 2 + 2, mask=ok_o, other=0.0)[None, :]).to(tl.float16)
+    vs_e, vz_e = _scale_zero(vsz_ptr, row, ok_e)
+    vs_o, vz_o = _scale_zero(vsz_ptr, row + 1, ok_o)
+    v_e = v_e - (vz_e[None, :] + 1024.0).to(tl.float16)
+    v_o = ((v_o - (16.0 * vz_o[None, :] + 1024.0).to(tl.float16)) * 0.0625).to(tl.float16)
+    pv_e = (p_e * vs_e[None, :]).to(tl.float16)
+    pv_o = (p_o * vs_o[None, :]).to(tl.float16)
     acc = tl.dot(pv_o, tl.trans(v_o), tl.dot(pv_e, tl.trans(v_e), acc * alpha[:, None]))
     return m_new, l_i, acc

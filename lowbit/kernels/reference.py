@@ -192,7 +192,7 @@ def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=
         q, s, z = quantize_kv(x.float(), bits)  # the numerics contract: quant/kv.py
         qsz = torch.stack((s, z.float()), dim=-1)
         store_codes(cache, slots, unpack_int4(q[keep], d, signed=False) if packed else q[keep], packed)
-        sz[at_slots(sz, slots)] = qsz[keep]
+        sz[at_slots(sz, slots)] = qsz[keep].to(sz.dtype)  # fp16 values: exact
         echoed.append(kv_dequant(q, qsz, d).to(x.dtype))
     return tuple(echoed) if echo else None
 
@@ -203,6 +203,7 @@ def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> t
     if sz is None:
         return cache.float()
     q = cache if cache.shape[-1] == head_dim else unpack_int4(cache, head_dim, signed=False)
+    sz = sz.float()
     return (q.float() - sz[..., 1:]) * sz[..., :1]
 
 

@@ -96,7 +96,7 @@ def randn(shape, g: torch.Generator, dtype=torch.bfloat16, device="cpu") -> torc
 def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, bits: int, g: torch.Generator,
                     device="cpu"):
     """[k, v, k_sz, v_sz] of `paged_attention`'s layout filled with random bytes (so a slot that is
-    not written is noticed): codes and fp32 (scale, zero) pairs as the write makes them (the zero an
+    not written is noticed): codes and fp16 (scale, zero) pairs as the write makes them (the zero an
     integer code), or bf16 values and None (16 bits)."""
     shape = (n_blocks, n_kv_heads, block_size)
     if bits == 16:
@@ -104,8 +104,8 @@ def random_kv_cache(n_blocks: int, block_size: int, n_kv_heads: int, head_dim: i
     width = head_dim // 2 if bits == 4 else head_dim
     v_shape = (n_blocks, n_kv_heads, head_dim, block_size // 2) if bits == 4 else (*shape, width)  # token-packed V
     codes = [randint(0, 255, s, g, torch.uint8, device) for s in ((*shape, width), v_shape)]
-    sz = [torch.stack((randscale(shape, g, 1.0, device), randint(0, (1 << bits) - 1, shape, g, torch.float32, device)), -1)
-          for _ in range(2)]
+    sz = [torch.stack((randscale(shape, g, 1.0, device), randint(0, (1 << bits) - 1, shape, g, torch.float32, device)),
+                      -1).half() for _ in range(2)]
     return codes + sz
 
 

@@ -44,6 +44,7 @@ class QuantSpec:
     granularity: str = "channel"
     group_size: int = 128
     clip: float = 1.0
+    scale_fp16: bool = False  # the scale rounded to fp16 before the zero and codes are taken (the KV cache's)
 
     def __post_init__(self) -> None:
         if type(self.bits) is not int or self.bits not in (4, 8):
@@ -61,6 +62,8 @@ class QuantSpec:
             _bad(f"group_size must be a power of two >= 16, got {g!r}")
         if isinstance(self.clip, bool) or not isinstance(self.clip, (int, float)) or not 0 < self.clip <= 1:
             _bad(f"clip must be a ratio in (0, 1], got {self.clip!r}")
+        if not isinstance(self.scale_fp16, bool):
+            _bad(f"scale_fp16 must be true or false, got {self.scale_fp16!r}")
         object.__setattr__(self, "clip", float(self.clip))
 
     @property
@@ -150,7 +153,8 @@ def compute_qparams(
     The asymmetric range always includes 0, so that 0 (padding, dead columns) is exact and an
     all-positive block keeps its values. A zero scale (all-zero block) becomes 1, so codes are 0,
     never NaN. `integer_scale` rounds scales to integers >= 1 before the zero point is taken
-    (QServe's level-2 groups).
+    (QServe's level-2 groups). `spec.scale_fp16` rounds them to fp16 (kept as fp32 values) first, so
+    the codes are those of the scale a cache stores in 2 bytes.
     """
     x = x.detach().float()
     if spec.symmetric:
@@ -162,6 +166,8 @@ def compute_qparams(
         scale = (hi - lo) * spec.clip / spec.qmax
     if integer_scale:
         scale = scale.round().clamp(min=1)
+    if spec.scale_fp16:
+        scale = scale.half().float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if lo is None:
         return scale, None
