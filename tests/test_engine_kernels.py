@@ -23,7 +23,7 @@ from lowbit.quant.recipes import KVSpec  # noqa: E402
 
 DEV = testing.triton_device()
 CUDA = torch.cuda.is_available()
-BS, HKV, D = 4, 2, 32
+BS, HKV, D = 8, 2, 32
 
 
 def _kv(t, g, dtype=torch.float32):
@@ -90,7 +90,7 @@ def test_which_cache_serves_which_format():
     assert kv_cache_class(KVSpec(4), D, BS) is KernelKVCache and kv_cache_class(KVSpec(8), 128, BS) is KernelKVCache
     assert kv_cache_class(KVSpec(8), D, 24) is KernelKVCache
     for spec, d, bs in ((KVSpec(4, group_size=16), D, BS), (KVSpec(8, fp8=True), D, BS), (KVSpec(4), 16, BS),
-                        (KVSpec(8), 96, BS), (KVSpec(4), D, 24), (KVSpec(4), D, 1)):  # int4 V: blocks of 2^k >= 2
+                        (KVSpec(8), 96, BS), (KVSpec(4), D, 24), (KVSpec(4), D, 4)):  # int4 V: blocks of 2^k >= 8
         assert kv_cache_class(spec, d, bs) is QuantizedPagedKVCache
     bf16, fp32 = (PagedKVCache(2, BS, HKV, D, dt, "cpu") for dt in (torch.bfloat16, torch.float32))
     assert bf16.decode_kernel and not fp32.decode_kernel  # fp32 keeps the torch path

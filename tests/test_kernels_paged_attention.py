@@ -203,7 +203,7 @@ def test_write_kernel_codes_use_the_fp16_scale(bits):
     s16 = torch.tensor(1.0 / qmax).half().float()
     for cache, sz, packed in ((caches[0], caches[2], False), (caches[1], caches[3], bits == 4)):
         slots = torch.tensor([3, 4], device=DEV)
-        got = reference.codes_at(cache, slots, packed).cpu()
+        got = reference.codes_at(cache, slots, packed, int4=bits == 4).cpu()
         got = unpack_int4(got, d, signed=False) if got.shape[-1] != d else got
         assert torch.equal(got[..., :3].long(), torch.tensor([0, qmax, qmax]).expand(2, HKV, 3))
         pairs = sz[reference.at_slots(sz, slots)].cpu()
@@ -211,18 +211,23 @@ def test_write_kernel_codes_use_the_fp16_scale(bits):
             (s16.expand(2, HKV), torch.zeros(2, HKV)), -1))
 
 
-def test_int4_v_layout_packs_tokens():
-    """int4 V, by hand: slot 37 (block 2, offset 5) is the high nibble of byte 2 of each dim's run,
-    slot 36 the low one; a dim's 8 bytes are the block's 16 tokens, the next dim's follow."""
+def test_int4_layout_by_hand():
+    """int4, by hand. V: slots 36, 37 (block 2, offsets 4, 5) are the low and high nibbles of pair 2 of each
+    dim's run, which lies at byte 1 (swizzled: a word holds pairs 0, 2, 1, 3); a dim's 8 bytes are the
+    block's 16 tokens, the next dim's follow. K: a token's row of 32 bytes (dims 2j, 2j + 1 in byte j)
+    holds bytes 0, 2, 1, 3, 4, 6, 5, 7, ... of `pack_int4`'s order."""
     g = testing.gen()
     k, v, ksz, vsz = _empty_cache(4, 64, 4, g)
     value = testing.randn((2, HKV, 64), g)
     reference.kv_cache_write(value, value, k, v, ksz, vsz, torch.tensor([36, 37]))
-    codes = unpack_int4(quantize_kv(value.float(), 4)[0], 64, signed=False)  # [2, HKV, 64]
+    packed = quantize_kv(value.float(), 4)[0]  # [2, HKV, 32]: pack_int4's order
+    codes = unpack_int4(packed, 64, signed=False)  # [2, HKV, 64]
     assert v.shape == (4, HKV, 64, BS // 2)
-    assert torch.equal(v[2, 1, :, 2], codes[0, 1] | (codes[1, 1] << 4))
+    assert torch.equal(v[2, 1, :, 1], codes[0, 1] | (codes[1, 1] << 4))
     flat = v.reshape(-1)
-    assert torch.equal(flat[((2 * HKV + 1) * 64 + 3) * (BS // 2) + 2], v[2, 1, 3, 2])
+    assert torch.equal(flat[((2 * HKV + 1) * 64 + 3) * (BS // 2) + 1], v[2, 1, 3, 1])
+    order = [0, 2, 1, 3, 4, 6, 5, 7]
+    assert torch.equal(k[2, 0, 4, :8], packed[0, 0, order]) and torch.equal(k[2, 1, 5, 8:16], packed[1, 1, 8:16][order])
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
@@ -237,13 +242,13 @@ def test_decode_configs_the_sweep_times_match_float64(bits, config):
 
 
 @pytest.mark.skipif(DEV is None, reason="needs Triton (TRITON_INTERPRET=1 on the CPU) or CUDA")
-@pytest.mark.parametrize("bs,config", [(32, DecodeConfig(block_n=16, num_warps=1)), (4, DecodeConfig(block_n=32, num_warps=1)),
-                                       (128, DecodeConfig(block_n=64, num_warps=1)), (2, DecodeConfig(block_n=16, num_warps=1))],
-                         ids=["bs32-bn16", "bs4-bn32", "bs128-bn64", "bs2-bn16"])
+@pytest.mark.parametrize("bs,config", [(32, DecodeConfig(block_n=16, num_warps=1)), (8, DecodeConfig(block_n=32, num_warps=1)),
+                                       (128, DecodeConfig(block_n=64, num_warps=1)), (8, DecodeConfig(block_n=16, num_warps=1))],
+                         ids=["bs32-bn16", "bs8-bn32", "bs128-bn64", "bs8-bn16"])
 def test_kv4_decode_block_sizes(bs, config):
     """int4 steps read whole runs of a block: steps inside a block (block 32 or 128 tokens, steps of 16 or 64
-    from an offset that is a multiple of the step) and steps over several blocks (blocks of 2 or 4 tokens: one or
-    two bytes of V^T a dim)."""
+    from an offset that is a multiple of the step) and steps over several blocks (blocks of 8 tokens: one
+    swizzled 4-byte word of V^T a dim)."""
     args, scale, want = _decode_case(4, 64, [17, 3, 300], testing.gen(), DEV, bs=bs)
     assert testing.rel_err(paged_decode_attention_triton(*args, scale, splits=3, config=config), want) < 3.5e-3
 

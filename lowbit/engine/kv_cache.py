@@ -92,7 +92,7 @@ class PagedKVCache:
 class KernelKVCache(PagedKVCache):
     """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
     `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]` (int4's V packed along the tokens instead:
-    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`), fp16 (scale, zero) pairs
+    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`; int4 rows' bytes `reference.swizzle`d), fp16 (scale, zero) pairs
     `[num_blocks, n_kv_heads, block_size, 2]` (the kernels read a pair as one 32-bit word). Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
@@ -110,9 +110,10 @@ class KernelKVCache(PagedKVCache):
 
     @staticmethod
     def fits(spec, head_dim: int, block_size: int) -> bool:
-        """int4's token-packed V wants blocks of a power of two tokens (>= 2: two per byte)."""
+        """int4's token-packed V wants blocks of a power of two tokens, >= 8: a dim's run of a block holds
+        whole 4-byte words (two tokens a byte), which its swizzle permutes within (`reference.swizzle`)."""
         return (spec.bits in (4, 8) and spec.group_size is None and not spec.fp8 and supports_head_dim(head_dim)
-                and (spec.bits == 8 or (block_size >= 2 and block_size & (block_size - 1) == 0)))
+                and (spec.bits == 8 or (block_size >= 8 and block_size & (block_size - 1) == 0)))
 
     @staticmethod
     def bytes_per_token(num_kv_heads: int, head_dim: int, dtype, spec=None) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from lowbit.kernels import reference
 from lowbit.kernels.common import cdiv, tl, triton, use_triton
-from lowbit.kernels.paged_attention import _scale_zero, kv_bits, sz_words
+from lowbit.kernels.paged_attention import _scale_zero, _swizzle, kv_bits, sz_words
 
 TOKENS_PER_PROGRAM = 32
 
@@ -65,12 +65,12 @@ def _gather_kernel(cache_ptr, sz_ptr, bt_ptr, seqs_ptr, cu_ptr, out_ptr, stride_
     if BITS == 16:
         x = tl.load(cache_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
     else:
-        if TOKENS_PACKED:  # V^T: a dim's codes of tokens 2j, 2j + 1 in byte j of its run
+        if TOKENS_PACKED:  # V^T: a dim's codes of tokens 2j, 2j + 1 in byte j of its run (swizzled)
             byte = tl.load(cache_ptr + ((blk * HKV + h) * D)[:, None] * (BS // 2) + offs_d[None, :] * (BS // 2)
-                           + (t % BS // 2)[:, None], mask=ok[:, None], other=0)
+                           + _swizzle(t % BS // 2)[:, None], mask=ok[:, None], other=0)
             c = (byte >> (4 * (t % 2)).to(tl.uint8)[:, None]) & 15
-        elif BITS == 4:  # dims 2j, 2j + 1 of a token in byte j of its row
-            byte = tl.load(cache_ptr + row[:, None] * (D // 2) + offs_d[None, :] // 2, mask=ok[:, None], other=0)
+        elif BITS == 4:  # dims 2j, 2j + 1 of a token in byte j of its row (swizzled)
+            byte = tl.load(cache_ptr + row[:, None] * (D // 2) + _swizzle(offs_d // 2)[None, :], mask=ok[:, None], other=0)
             c = (byte >> (4 * (offs_d % 2)).to(tl.uint8)[None, :]) & 15
         else:
             c = tl.load(cache_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0)

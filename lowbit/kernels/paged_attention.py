@@ -224,7 +224,8 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
         partner = slot ^ 1
         prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-2)
         nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < n_tokens, other=-2)
-        byte_ptr = cache_ptr + ((slot // BS * HKV + offs_h[:, None]) * D + offs_d[None, :]) * (BS // 2) + slot % BS // 2
+        byte_ptr = (cache_ptr + ((slot // BS * HKV + offs_h[:, None]) * D + offs_d[None, :]) * (BS // 2)
+                    + _swizzle(slot % BS // 2))
         if (slot >= 0) & ((prev == partner) | (nxt == partner)):
             if slot % 2 == 0:  # the pair's byte, stored once, by its even slot's program
                 other = tl.where(prev == partner, t - 1, t + 1)
@@ -250,7 +251,7 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
         hi = tl.maximum(tl.maximum(tl.max(x0, 1), tl.max(x1, 1)), 0.0)[:, None]
         c0, s, z = _quant_asym(x0, lo, hi, 15.0)
         c1, _, _ = _quant_asym(x1, lo, hi, 15.0)
-        tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], c0 | (c1 << 4), mask=ok)
+        tl.store(cache_ptr + dst[:, None] * (D // 2) + offs_d[None, :], _swizzled(c0 | (c1 << 4)), mask=ok)
         if ECHO:
             tl.store(echo_rows + 2 * offs_d[None, :], ((c0.to(tl.float32) - z) * s).to(echo_ptr.dtype.element_ty),
                      mask=h_ok)
@@ -262,14 +263,15 @@ def _kv_write_kernel(x_ptr, cache_ptr, sz_ptr, slot_ptr, echo_ptr, stride_t, str
         tl.store(sz_ptr + dst * 2 + 1, tl.sum(z, 1).to(tl.float16), mask=h_ok)
 
 
+# a 32-bit word of four swizzled bytes (memory order 0, 2, 1, 3: `reference.swizzle`) holds bytes 0, 1 in
+# its 16-bit lanes' low bytes and 2, 3 in their high bytes, so each plane's pair is one mask away
 _INT4_FP16_ASM = tl.constexpr("""{
-.reg .b32 t0, t1;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xea;
-lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xea;
-lop3.b32 $2, t0, 0x00F000F0, 0x64006400, 0xea;
-lop3.b32 $3, t1, 0x00F000F0, 0x64006400, 0xea;
+.reg .b32 t;
+shr.b32 t, $4, 8;
+lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 $1, t, 0x000F000F, 0x64006400, 0xea;
+lop3.b32 $2, $4, 0x00F000F0, 0x64006400, 0xea;
+lop3.b32 $3, t, 0x00F000F0, 0x64006400, 0xea;
 }""")
 
 _INT8_FP16_ASM = tl.constexpr("""{
@@ -282,10 +284,26 @@ or.b32 $1, t, 0x64006400;
 
 
 @triton.jit
+def _swizzled(x):
+    """A 2-D tile with the middle two of every four elements along its last dim swapped
+    (`reference.swizzle`, in registers)."""
+    R: tl.constexpr = x.shape[0]
+    C: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(x, [R, C // 4, 2, 2]), (0, 1, 3, 2)), [R, C])
+
+
+@triton.jit
+def _swizzle(j):
+    """`reference.swizzle`: where byte j of an int4 row lies."""
+    return (j & ~3) | ((j & 1) << 1) | ((j >> 1) & 1)
+
+
+@triton.jit
 def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr = True):
-    """uint8 code tile -> fp16 planes: int8 (1024 + c, unused); int4 (1024 + low, 1024 + 16 high).
-    ASM: bytes moved into the fp16 lanes by PRMT, two values per 32-bit op, masked and offset by one
-    LOP3. PURE=False keeps the conversion where it is written: for V (whose MMA operand runs along
+    """uint8 code tile -> fp16 planes: int8 (1024 + c, unused); int4 (1024 + low, 1024 + 16 high), its
+    bytes `swizzle`d along the tile's last dim, the planes in order. ASM: two values per 32-bit op,
+    int8's bytes moved into the fp16 lanes by PRMT, int4's already there (a shift for the high
+    bytes), masked and offset by one LOP3. PURE=False keeps the conversion where it is written: for V (whose MMA operand runs along
     the tokens, across the cache's rows) Triton would otherwise move the layout change before it and
     transpose single bytes through shared memory; after it, 16-bit values transpose with ldmatrix."""
     if BITS == 4:
@@ -293,8 +311,8 @@ def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr = T
             a, b = tl.inline_asm_elementwise(_INT4_FP16_ASM, "=r,=r,=r,=r,r", [c],
                                              dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
         else:
-            a = ((c & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
-            b = ((c & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+            a = _swizzled(((c & 15).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True))
+            b = _swizzled(((c & 0xF0).to(tl.int16) | 0x6400).to(tl.float16, bitcast=True))
     else:
         if ASM:
             a = tl.inline_asm_elementwise(_INT8_FP16_ASM, "=r,=r,r", [c], dtype=tl.float16,

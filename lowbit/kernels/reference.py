@@ -131,6 +131,14 @@ def at_slots(cache: torch.Tensor, slots: torch.Tensor) -> tuple:
     return slots // bs, slice(None), slots % bs
 
 
+def swizzle(j: torch.Tensor) -> torch.Tensor:
+    """Where byte j of an int4 row (a token's K, a dim's V^T run) lies: the middle two of every four
+    bytes swap (memory holds bytes 0, 2, 1, 3), so that one shift and four masks widen a 32-bit word
+    into the fp16 pairs the MMAs take, in order (`paged_attention._INT4_FP16_ASM`; Marlin's trick).
+    Its own inverse: byte j lies at swizzle(j), and position m holds byte swizzle(m)."""
+    return (j & ~3) | ((j & 1) << 1) | ((j >> 1) & 1)
+
+
 def v_tokens_packed(k_cache: torch.Tensor, head_dim: int) -> bool:
     """Whether the V cache beside `k_cache` packs its int4 codes along the tokens: an int4 cache's V is
     `[num_blocks, n_kv_heads, head_dim, block_size / 2]`, a dim's codes of tokens 2j and 2j + 1 in the low
@@ -138,28 +146,32 @@ def v_tokens_packed(k_cache: torch.Tensor, head_dim: int) -> bool:
     return k_cache.dtype == torch.uint8 and k_cache.shape[-1] * 2 == head_dim
 
 
-def codes_at(cache: torch.Tensor, slots: torch.Tensor, tokens_packed: bool = False) -> torch.Tensor:
-    """What the cache holds at slots `[N]`: `[N, n_kv_heads, width]` (codes, packed as stored, or
-    16-bit values); a token-packed cache gives each slot's codes unpacked, `[N, n_kv_heads, head_dim]`."""
+def codes_at(cache: torch.Tensor, slots: torch.Tensor, tokens_packed: bool = False, int4: bool = False) -> torch.Tensor:
+    """What the cache holds at slots `[N]`: `[N, n_kv_heads, width]` (codes, packed as `pack_int4` packs
+    them when `int4`, or 16-bit values); a token-packed cache gives each slot's codes unpacked,
+    `[N, n_kv_heads, head_dim]`. int4 bytes lie `swizzle`d in memory."""
     if not tokens_packed:
-        return cache[at_slots(cache, slots)]
+        held = cache[at_slots(cache, slots)]
+        return held[..., swizzle(torch.arange(held.shape[-1], device=held.device))] if int4 else held
     bs = cache.shape[-1] * 2
-    byte = cache[slots // bs, :, :, slots % bs // 2]
+    byte = cache[slots // bs, :, :, swizzle(slots % bs // 2)]
     return (byte >> (4 * (slots % 2)).to(torch.uint8)[:, None, None]) & 15
 
 
-def store_codes(cache: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, tokens_packed: bool = False) -> None:
+def store_codes(cache: torch.Tensor, slots: torch.Tensor, codes: torch.Tensor, tokens_packed: bool = False,
+                int4: bool = False) -> None:
     """`codes_at`'s inverse: codes `[N, n_kv_heads, width]` (unpacked `[N, n_kv_heads, head_dim]` for a
     token-packed cache) into slots `[N]`. A token-packed byte's two slots may both be written: the even
     slots' nibbles first, then the odd ones', each keeping the other nibble."""
     if not tokens_packed:
-        cache[at_slots(cache, slots)] = codes
+        cache[at_slots(cache, slots)] = codes[..., swizzle(torch.arange(codes.shape[-1], device=codes.device))] \
+            if int4 else codes
         return
     bs = cache.shape[-1] * 2
     for parity in (0, 1):
         sel = slots % 2 == parity
         s = slots[sel]
-        at = (s // bs, slice(None), slice(None), s % bs // 2)
+        at = (s // bs, slice(None), slice(None), swizzle(s % bs // 2))
         cache[at] = (cache[at] & (0xF0 >> 4 * parity)) | (codes[sel] << 4 * parity)
 
 
@@ -191,7 +203,7 @@ def kv_cache_write(key, value, k_cache, v_cache, k_sz, v_sz, slot_mapping, echo=
             continue
         q, s, z = quantize_kv(x.float(), bits)  # the numerics contract: quant/kv.py
         qsz = torch.stack((s, z.float()), dim=-1)
-        store_codes(cache, slots, unpack_int4(q[keep], d, signed=False) if packed else q[keep], packed)
+        store_codes(cache, slots, unpack_int4(q[keep], d, signed=False) if packed else q[keep], packed, bits == 4)
         sz[at_slots(sz, slots)] = qsz[keep].to(sz.dtype)  # fp16 values: exact
         echoed.append(kv_dequant(q, qsz, d).to(x.dtype))
     return tuple(echoed) if echo else None
@@ -210,7 +222,9 @@ def kv_dequant(cache: torch.Tensor, sz: torch.Tensor | None, head_dim: int) -> t
 def kv_values(cache: torch.Tensor, sz: torch.Tensor | None, slots: torch.Tensor, head_dim: int,
               tokens_packed: bool = False) -> torch.Tensor:
     """fp32 K or V `[N, n_kv_heads, head_dim]` at cache slots `[N]`."""
-    return kv_dequant(codes_at(cache, slots, tokens_packed), None if sz is None else sz[at_slots(sz, slots)], head_dim)
+    int4 = cache.dtype == torch.uint8 and cache.shape[-1] * 2 == head_dim
+    return kv_dequant(codes_at(cache, slots, tokens_packed, int4), None if sz is None else sz[at_slots(sz, slots)],
+                      head_dim)
 
 
 def cached_kv(k_cache, v_cache, k_sz, v_sz, block_table, n: int, head_dim: int):
