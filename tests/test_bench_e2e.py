@@ -35,6 +35,9 @@ def test_sweep_writes_rows_and_rerenders(tmp_path, capsys):
     ours = rows["tiny__w4a8kv4__16x8.json"]
     assert (ours["num_requests"], ours["output_tokens"], ours["prompt_tokens"]) == (3, 24, 48)
     assert ours["seqs_in_cache"] > 3 and ours["engine"]["max_num_seqs"] == 2048 and ours["env"]["torch"]
+    # every prompt token once, every output token but the last fed back once: nothing preempted, in 1 + 7 steps
+    # of one prefill then decodes (the 3 prompts fit one step's budget)
+    assert (ours["computed_tokens"], ours["preemptions"], ours["steps"]) == (48 + 24 - 3, 0, 8)
     assert rows["tiny__hf__16x8.json"]["output_tokens"] == 16
     # the clocks each figure ran at: none to read on the CPU
     assert all(r["gpu_clocks"] == {"available": False, "error": "not a CUDA device"} for r in rows.values())
@@ -100,3 +103,17 @@ def test_table_names_the_allocator_settings_of_its_rows():
     assert "PYTORCH_CUDA_ALLOC_CONF" not in e2e.render([row])
     row["env"]["alloc_conf"] = "expandable_segments:True"
     assert "PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True." in e2e.render([row])
+
+
+def test_throughput_counts_recomputed_tokens_of_preempted_requests():
+    """A cache of 24 blocks of 4 tokens for 8 requests of 40: the scheduler preempts, and the recomputed
+    tokens show as computed tokens beyond the prompt and fed-back output tokens."""
+    from lowbit.api import LLM
+    from lowbit.bench import throughput
+
+    llm = LLM(random_weights="tiny", device="cpu", block_size=4, num_kv_blocks=24, max_model_len=64)
+    requests = throughput.random_requests(8, 24, 16, 0.0, 256, 0)
+    result = throughput.run(llm, [(p, n) for p, n in requests])
+    assert result["output_tokens"] == 8 * 16 and result["preemptions"] > 0
+    assert result["computed_tokens"] > result["prompt_tokens"] + result["output_tokens"] - 8
+    assert result["steps"] >= 16

@@ -35,6 +35,8 @@ def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True, tim
     from lowbit.sampling_params import SamplingParams
 
     engine = llm.engine
+    sched = engine.scheduler
+    before = (sched.num_steps, sched.num_scheduled_tokens, sched.num_preemptions)
     longest = max(len(p) + n for p, n in requests)
     if longest > engine.cfg.max_model_len:
         raise LowbitError(f"a request needs {longest} tokens, more than max_model_len "
@@ -60,9 +62,15 @@ def run(llm, requests: list[tuple[list[int], int]], ignore_eos: bool = True, tim
             done += outs
             bar.update(len(outs))
     elapsed = time.perf_counter() - start
-    return summary(elapsed, num_requests=len(done),
-                   prompt_tokens=prompt_tokens + sum(len(o.prompt_token_ids) for o in done),
-                   output_tokens=output_tokens + sum(len(c.token_ids) for o in done for c in o.outputs), capped=capped)
+    steps, computed, preemptions = (now - then for now, then in zip(
+        (sched.num_steps, sched.num_scheduled_tokens, sched.num_preemptions), before))
+    # how the run used the engine: steps, tokens computed (a preempted request's are computed again) and
+    # preemptions, next to the counts a figure is made of
+    return dict(summary(elapsed, num_requests=len(done),
+                        prompt_tokens=prompt_tokens + sum(len(o.prompt_token_ids) for o in done),
+                        output_tokens=output_tokens + sum(len(c.token_ids) for o in done for c in o.outputs),
+                        capped=capped),
+                steps=steps, computed_tokens=computed, preemptions=preemptions)
 
 
 def summary(elapsed: float, num_requests: int, prompt_tokens: int, output_tokens: int, capped: bool) -> dict:

@@ -37,6 +37,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
+        self.num_steps = self.num_scheduled_tokens = 0  # non-empty schedules, and the tokens they computed
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -80,6 +81,9 @@ class Scheduler:
             self.running.append(seq)
             out.append(ScheduledSeq(seq, n))
             budget -= n
+        if out:
+            self.num_steps += 1
+            self.num_scheduled_tokens += self.cfg.max_num_batched_tokens - budget
         return out
 
     def _preempt(self, seq: Sequence) -> None:
