@@ -1,7 +1,8 @@
 """The fused activation quantizers on the GPU: `python -m lowbit.bench actquant [--tokens T ...] [--sweep]`.
 
 Llama-3-8B's rows: SiLU-and-mul + int8 quantize of the MLP's `[T, 2 x 14336]` (`silu_mul_quant`),
-RMSNorm + int8 quantize of `[T, 4096]` (`rmsnorm_quant`, as the decoder layers call them), and
+RMSNorm + int8 quantize of `[T, 4096]` (`rmsnorm_quant`, as the decoder layers call them: after the
+residual add, in the same pass, beside that add as a kernel of its own before it), and
 W4A4's input quantization of `[T, 4096]` (`group_quant`: Atom's gather, int4 groups of 128, 128 int8
 outliers). Beside them in the same run: our 16-bit kernels of the bf16 path (`silu_mul`, `rmsnorm`), the
 unfused torch ops (the activation, then absmax, division, rounding; for `group_quant`, `formats.quantize`
@@ -44,6 +45,14 @@ def cases(t: int, sweep: bool) -> dict:
            "rmsnorm bf16 (ours)": (lambda: elementwise.rmsnorm_triton(h, w, 1e-5), norm_in + t * HIDDEN * 2),
            "rmsnorm_quant torch": (lambda: _torch_quant(torch.nn.functional.rms_norm(h.float(), (HIDDEN,), w.float(), 1e-5)),
                                    norm_in + t * HIDDEN + 4 * t)}
+    # the decoder's residual add: inside the norm (reads x and the residual, writes their sum and the codes), or
+    # a torch add before it (the path it replaced); the same bytes must move either way
+    r = torch.randn(t, HIDDEN, device=dev, dtype=torch.bfloat16)
+    resid = norm_in + t * HIDDEN * 4
+    out["residual + rmsnorm_quant"] = (lambda: actquant.rmsnorm_quant_triton(h, w, 1e-5, r), resid + t * HIDDEN + 4 * t)
+    out["add, then rmsnorm_quant"] = (lambda: actquant.rmsnorm_quant_triton(h + r, w, 1e-5), resid + t * HIDDEN + 4 * t)
+    out["residual + rmsnorm bf16 (ours)"] = (lambda: elementwise.rmsnorm_triton(h, w, 1e-5, r), resid + t * HIDDEN * 2)
+    out["add, then rmsnorm bf16"] = (lambda: elementwise.rmsnorm_triton(h + r, w, 1e-5), resid + t * HIDDEN * 2)
     from lowbit.kernels import reference
     perm = torch.randperm(HIDDEN, device=dev)
     group_bytes = t * HIDDEN * 2 + HIDDEN * 8 + t * (HIDDEN - 128) // 2 + t * 128 + 4 * t * (HIDDEN // 128 + 1)
