@@ -8,13 +8,14 @@ the logits of the real rows are computed after the replay (one GEMM), so no buck
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from lowbit.config import EngineConfig, ModelConfig
-from lowbit.engine.kv_cache import kv_cache_class, make_kv_cache
+from lowbit.engine.kv_cache import QuantizedPagedKVCache, kv_cache_class, make_kv_cache
 from lowbit.engine.scheduler import ScheduledSeq
 from lowbit.engine.sequence import PENDING, Sequence
 from lowbit.errors import LowbitError
@@ -24,6 +25,8 @@ from lowbit.layers.sampler import SAMPLE_ROWS, Sampled, TokenLogprob, sample
 from lowbit.layers.transfer import copy_to, to_device
 
 CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
+log = logging.getLogger(__name__)
+
 MAX_GRAPH_BATCH = 4096  # the largest decode batch captured as a CUDA graph
 ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, the CUDA graphs' pool
 
@@ -245,6 +248,10 @@ class ModelRunner:
                 f"{cfg.max_model_len}: lower --max-model-len or raise --gpu-memory-utilization"
             )
         self._make_caches(self.num_blocks)
+        if self.device.type == "cuda" and any(isinstance(c, QuantizedPagedKVCache) for c in self.caches):
+            log.warning("this KV-cache format at block size %d has no attention kernel (int4 wants blocks of a power "
+                        "of two >= 8 tokens; grouped or fp8 caches have none): decode runs the torch reference, "
+                        "one sequence at a time", cfg.block_size)
         self._last = None  # the last launch's draws on the device, and each sampled sequence's row in them
         self.static_decode = StaticDecode(model, cfg, self.device, capture=True) if graphs else None
         if self.static_decode is not None:
