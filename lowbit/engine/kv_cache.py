@@ -92,8 +92,9 @@ class PagedKVCache:
 class KernelKVCache(PagedKVCache):
     """Asymmetric int8 / int4 codes per (token, head) in the kernels' layout: codes uint8
     `[num_blocks, n_kv_heads, block_size, head_dim (or / 2)]` (int4's V packed along the tokens instead:
-    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`; int4 rows' bytes `reference.swizzle`d), fp16 (scale, zero) pairs
-    `[num_blocks, n_kv_heads, block_size, 2]` (the kernels read a pair as one 32-bit word). Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
+    `[num_blocks, n_kv_heads, head_dim, block_size / 2]`; int4 rows' bytes `reference.swizzle`d), fp16
+    (scale, zero) pairs `[num_blocks, n_kv_heads, block_size, 2]` (the kernels read a pair as one 32-bit
+    word). Same numbers as `QuantizedPagedKVCache` (quant/kv.py)."""
 
     def __init__(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, dtype, device, spec):
         self.block_size, self.head_dim, self.dtype = block_size, head_dim, dtype

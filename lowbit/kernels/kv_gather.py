@@ -30,8 +30,8 @@ def gather_kv_triton(k_cache, v_cache, k_sz, v_sz, block_tables, seqs, cu_k, max
     grid = (cdiv(max_k, TOKENS_PER_PROGRAM), seqs.numel(), hkv)
     for cache, sz, rows, packed in ((k_cache, k_sz, out[0], False),
                                     (v_cache, v_sz, out[1], reference.v_tokens_packed(k_cache, d))):
-        _gather_kernel[grid](cache, sz_words(sz), block_tables, seqs, cu_k, rows, block_tables.stride(0), HKV=hkv, D=d, BS=bs,
-                             BITS=bits, TOKENS_PACKED=packed, BT=TOKENS_PER_PROGRAM, num_warps=4)
+        _gather_kernel[grid](cache, sz_words(sz), block_tables, seqs, cu_k, rows, block_tables.stride(0), HKV=hkv, D=d,
+                             BS=bs, BITS=bits, TOKENS_PACKED=packed, BT=TOKENS_PER_PROGRAM, num_warps=4)
     return out[0], out[1]
 
 
@@ -70,7 +70,8 @@ def _gather_kernel(cache_ptr, sz_ptr, bt_ptr, seqs_ptr, cu_ptr, out_ptr, stride_
                            + _swizzle(t % BS // 2)[:, None], mask=ok[:, None], other=0)
             c = (byte >> (4 * (t % 2)).to(tl.uint8)[:, None]) & 15
         elif BITS == 4:  # dims 2j, 2j + 1 of a token in byte j of its row (swizzled)
-            byte = tl.load(cache_ptr + row[:, None] * (D // 2) + _swizzle(offs_d // 2)[None, :], mask=ok[:, None], other=0)
+            byte = tl.load(cache_ptr + row[:, None] * (D // 2) + _swizzle(offs_d // 2)[None, :], mask=ok[:, None],
+                           other=0)
             c = (byte >> (4 * (offs_d % 2)).to(tl.uint8)[None, :]) & 15
         else:
             c = tl.load(cache_ptr + row[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0)

@@ -7,9 +7,12 @@ are one contiguous run (int4, block size 16: 1 KB of codes), which the decode ke
   `[num_blocks, n_kv_heads, block_size, head_dim / 2]` (`pack_int4` order along head_dim) and V
   `[num_blocks, n_kv_heads, head_dim, block_size / 2]`, packed along the tokens (a dim's codes of
   tokens 2j and 2j + 1 in the low and high nibble of byte j: `reference.v_tokens_packed`), so that
-  the P.V product, which runs along the tokens, takes its operand pairs straight from one byte;
-- scale and zero fp32 `[num_blocks, n_kv_heads, block_size, 2]`, one pair per (token, head):
-  `s = (max - min) / (2^b - 1)` (1 for a constant row), `z = clamp(round(-min / s), 0, 2^b - 1)`,
+  the P.V product, which runs along the tokens, takes its operand pairs straight from one byte; both
+  int4 rows (a token's K bytes, a dim's V run) hold every 4 bytes in the order 0, 2, 1, 3
+  (`reference.swizzle`), so int4 blocks are of 8 tokens or more;
+- scale and zero fp16 `[num_blocks, n_kv_heads, block_size, 2]`, one pair per (token, head), read
+  as one 32-bit word: `s = fp16((max - min) / (2^b - 1))` (1 for a constant row),
+  `z = clamp(round(-min / s), 0, 2^b - 1)`,
   `q = clamp(round(x / s) + z, 0, 2^b - 1)`, `x ~ (q - z) * s`;
 - or unquantized: the values themselves `[num_blocks, n_kv_heads, block_size, head_dim]` (bf16 /
   fp16; the write also takes fp32), no scale and zero (None).
@@ -127,8 +130,8 @@ def paged_decode_attention_triton(q, k_cache, v_cache, k_sz, v_sz, block_tables,
         part_lse = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out
-    args = (q, k_cache, v_cache, sz_words(k_sz), sz_words(v_sz), block_tables, seq_lens, out, part_o, part_lse, scale,
-            q.stride(0), q.stride(1), block_tables.stride(0), per_split)
+    args = (q, k_cache, v_cache, sz_words(k_sz), sz_words(v_sz), block_tables, seq_lens, out, part_o, part_lse,
+            scale, q.stride(0), q.stride(1), block_tables.stride(0), per_split)
     launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
     if bits == 4:
         _paged_decode_kv4_kernel[(b, hkv, splits)](*args, HKV=hkv, GQ=gq, D=d, BS=bs, BH=max(8, triton.next_power_of_2(gq)),
@@ -303,10 +306,11 @@ def _codes_fp16(c, BITS: tl.constexpr, ASM: tl.constexpr, PURE: tl.constexpr = T
     """uint8 code tile -> fp16 planes: int8 (1024 + c, unused); int4 (1024 + low, 1024 + 16 high), its
     bytes `swizzle`d along the tile's last dim, the planes in order. ASM: two values per 32-bit op,
     int8's bytes moved into the fp16 lanes by PRMT, int4's already there (a shift for the high
-    bytes), masked and offset by one LOP3. (int8 rows swizzled the same way compiled to 1084 instead
-    of 1107 instructions a step of `decode-kv8`, with 2 spills: not taken.) PURE=False keeps the conversion where it is written: for V (whose MMA operand runs along
-    the tokens, across the cache's rows) Triton would otherwise move the layout change before it and
-    transpose single bytes through shared memory; after it, 16-bit values transpose with ldmatrix."""
+    bytes), masked and offset by one LOP3 (int8 rows swizzled the same way compiled to 1084 instead of
+    1107 instructions a step of `decode-kv8`, with 2 spills: not taken). PURE=False keeps the
+    conversion where it is written: for V (whose MMA operand runs along the tokens, across the cache's
+    rows) Triton would otherwise move the layout change before it and transpose single bytes through
+    shared memory; after it, 16-bit values transpose with ldmatrix."""
     if BITS == 4:
         if ASM:
             a, b = tl.inline_asm_elementwise(_INT4_FP16_ASM, "=r,=r,=r,=r,r", [c],

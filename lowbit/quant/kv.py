@@ -19,7 +19,8 @@ def quantize_kv(
     x: torch.Tensor, bits: int, group_size: int | None = None, fp8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`x [..., head_dim]` -> codes `[..., head_dim]` (`[..., head_dim / 2]` packed for 4-bit),
-    scale (fp32 holding fp16 values) and uint8 zero (None for fp8) of shape `[...]`, or `[..., head_dim / G]` with groups."""
+    scale (fp32 holding fp16 values) and uint8 zero (None for fp8) of shape `[...]`, or `[..., head_dim / G]`
+    with groups."""
     spec = kv_spec(bits, group_size, fp8)
     if spec.bits == 4 and x.shape[-1] % 2:
         raise LowbitError(f"4-bit KV cache needs an even head_dim, got {x.shape[-1]}")
