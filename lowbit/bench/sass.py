@@ -204,6 +204,18 @@ def _row_presets() -> list[Preset]:
                         dict(FP8=False, TWO_PASS=False), 14336, 5)]
 
 
+def _kv_write_preset(bits: int, tokens_packed: bool) -> Preset:
+    """The KV cache write (`kv_cache_write`, one token's 8 kv heads of 128 per program, with the echo) for
+    Llama-3-8B at block size 16: the int4 K or token-packed V, or int8, counted whole."""
+    types = dict(x_ptr="*bf16", cache_ptr="*u8", sz_ptr="*fp16", slot_ptr="*i64", echo_ptr="*bf16", stride_t="i32",
+                 stride_h="i32", n_tokens="i32")
+    name = f"kv-write-{'v' if tokens_packed else 'k'}{bits}"
+    return Preset(name, "lowbit.kernels.paged_attention:_kv_write_kernel", types,
+                  dict(HKV=8, BS=16, D=128, BITS=bits, BH=8, ECHO=True, TOKENS_PACKED=tokens_packed), 4, 1,
+                  8 * 128 * 2 * 2 + 8 * (128 * bits // 8 + 4), "one token's K or V per program (the whole kernel)",
+                  ("stride_t", "stride_h"), whole=True)
+
+
 def presets() -> dict[str, Preset]:
     return {p.name: p for p in (_decode_preset(4), _decode_preset(8), _decode_preset(16),
                                 _prefill_preset(4), _prefill_preset(8), _prefill_preset(16),
@@ -212,7 +224,8 @@ def presets() -> dict[str, Preset]:
                                 _w8a8_tma_preset(4096, True), _w4a16_preset(1), _w4a4_preset(1),
                                 _w4a4_preset(1, swap=False), _w4a4_preset(1, even_k=False, swap=False),
                                 *(_w4a4_preset(m, even_k=e) for m in (64, 4096) for e in (True, False)),
-                                *_row_presets())}
+                                *_row_presets(), _kv_write_preset(4, False), _kv_write_preset(4, True),
+                                _kv_write_preset(8, False))}
 
 
 def _jit_function(path: str):
