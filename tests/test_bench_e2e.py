@@ -117,3 +117,18 @@ def test_throughput_counts_recomputed_tokens_of_preempted_requests():
     assert result["output_tokens"] == 8 * 16 and result["preemptions"] > 0
     assert result["computed_tokens"] > result["prompt_tokens"] + result["output_tokens"] - 8
     assert result["steps"] >= 16
+
+
+def test_table_notes_the_clocks_and_preemptions_of_a_row():
+    """A row's note says the GPU's mean SM clock and power over its run and the throttle reasons seen
+    (not `gpu_idle`), and how many requests were preempted; rows without them (older JSON) say nothing."""
+    clocks = {"available": True, "all": {"samples": 10, "sm_mhz_mean": 1755.4, "power_w_mean": 652.0,
+                                         "reasons": {"sw_power_cap": 8, "gpu_idle": 1}}}
+    assert e2e._clocks(clocks) == "SM 1,755 MHz, 652 W (sw_power_cap 80%)"
+    assert e2e._clocks({"available": False, "error": "x"}) == "" and e2e._clocks(None) == ""
+    env = {"device": "d", "date": "t", "commit": "c", "torch": "2", "triton": "3", "python": "3.12"}
+    row = dict(arch="a", input_len=1, output_len=1, recipe="bf16", dtype="bfloat16", env=env, num_requests=2,
+               output_tokens_per_second=10.0, tokens_per_second=20.0, capped=False, preemptions=3, gpu_clocks=clocks)
+    old = {k: v for k, v in row.items() if k not in ("preemptions", "gpu_clocks")}
+    assert "| 3 preemptions; SM 1,755 MHz, 652 W (sw_power_cap 80%) |" in e2e.render([row])
+    assert e2e.render([old]).splitlines()[-1].endswith("| 1.00x |  |  |  |")

@@ -225,6 +225,15 @@ def _x(num: float | None, den: float | None) -> str:
     return "" if num is None or not den else f"{num / den:.2f}x"
 
 
+def _clocks(summary: dict | None) -> str:
+    """A row's GPU clocks over its timed run, in a few words ('' when none were read)."""
+    if not summary or not summary.get("available") or not summary["all"]["samples"]:
+        return ""
+    s = summary["all"]
+    reasons = ", ".join(f"{r} {100 * n / s['samples']:.0f}%" for r, n in s["reasons"].items() if r != "gpu_idle")
+    return f"SM {s['sm_mhz_mean']:,.0f} MHz, {s['power_w_mean']:,.0f} W" + (f" ({reasons})" if reasons else "")
+
+
 def render(rows: list[dict]) -> str:
     """The markdown table of a sweep's rows (all of it derived from the JSON)."""
     env = rows[0]["env"]
@@ -261,6 +270,8 @@ def render(rows: list[dict]) -> str:
                     if r["capped"] else "")
             if is_hf(recipe):
                 note = "; ".join(filter(None, [f"batch {r['engine']['batch_size']}", note]))
+            preempted = f"{r['preemptions']} preemptions" if r.get("preemptions") else ""
+            note = "; ".join(filter(None, [note, preempted, _clocks(r.get("gpu_clocks"))]))
             lines.append(f"| {arch} | {i}/{o} | {name} | {r['num_requests']} | {tps:,.0f} | "
                          f"{r['tokens_per_second']:,.0f} | {_x(tps, _tps(by_recipe, 'bf16'))} | "
                          f"{_x(tps, _tps(by_recipe, 'fp8'))} | {_x(tps, _tps(by_recipe, HF))} | {note} |")
