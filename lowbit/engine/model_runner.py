@@ -24,9 +24,9 @@ from lowbit.layers.context import AttentionContext, row_index
 from lowbit.layers.sampler import SAMPLE_ROWS, Sampled, TokenLogprob, sample
 from lowbit.layers.transfer import copy_to, to_device
 
-CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
 log = logging.getLogger(__name__)
 
+CPU_KV_CACHE_TOKENS = 16384  # default cache size on the CPU, where free memory is not measured
 MAX_GRAPH_BATCH = 4096  # the largest decode batch captured as a CUDA graph
 ACTIVATION_MARGIN = 2**29  # beyond the profiled step: allocator fragmentation, the CUDA graphs' pool
 
